@@ -1,0 +1,76 @@
+"""The model components the project can convert and load, keyed by their PyTorch class names."""
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flowgrpo_jax.models.store import load_params, read_component_info
+
+
+@dataclass(frozen=True)
+class Component:
+    kind: str                 # our name, stored in the converted folder's metadata
+    class_names: tuple        # diffusers `_class_name` / transformers `architectures` entries
+    model: str                # "module:Class"; Class(config, rngs=, param_dtype=, dtype=)
+    config: str               # "module:function" parsing the source config.json dict
+    rules: str                # "module:RULES", the conversion table
+
+    def _get(self, ref: str):
+        module, name = ref.split(":")
+        return functools.reduce(getattr, name.split("."), importlib.import_module(module))
+
+    def parse_config(self, config: dict):
+        return self._get(self.config)(config)
+
+    def conversion_rules(self):
+        return self._get(self.rules)
+
+    def abstract_model(self, config: dict, param_dtype=jnp.float32, dtype=None) -> nnx.Module:
+        cls, cfg = self._get(self.model), self.parse_config(config)
+        return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                                          dtype=dtype or param_dtype))
+
+
+COMPONENTS = (
+    Component("transformer", ("SD3Transformer2DModel",), "flowgrpo_jax.models.mmdit:MMDiT",
+              "flowgrpo_jax.models.mmdit:MMDiTConfig.from_diffusers",
+              "flowgrpo_jax.convert.mmdit_table:RULES"),
+)
+
+
+def source_class_name(config: dict) -> str | None:
+    if "_class_name" in config:
+        return config["_class_name"]
+    architectures = config.get("architectures") or [None]
+    return architectures[0]
+
+
+def component_for_class(class_name: str) -> Component | None:
+    return next((c for c in COMPONENTS if class_name in c.class_names), None)
+
+
+def component_by_kind(kind: str) -> Component:
+    for c in COMPONENTS:
+        if c.kind == kind:
+            return c
+    raise ValueError(f"unknown component {kind!r}; known: {[c.kind for c in COMPONENTS]}")
+
+
+def resolve_component_dir(path: str, subfolder: str) -> str:
+    """A converted component folder, or a converted pipeline folder holding `subfolder`."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory")
+    if os.path.exists(os.path.join(path, "model_index.json")):
+        return os.path.join(path, subfolder)
+    return path
+
+
+def load_component(path: str, kind: str, subfolder: str, dtype=jnp.float32, compute_dtype=None,
+                   shardings=None) -> nnx.Module:
+    folder = resolve_component_dir(path, subfolder)
+    config = read_component_info(folder, kind)
+    abstract = component_by_kind(kind).abstract_model(config, dtype, compute_dtype)
+    return load_params(folder, abstract, dtype=dtype, shardings=shardings)
