@@ -1,0 +1,70 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowgrpo_jax.grpo.loss import clipped_surrogate, grpo_loss, mean_kl
+
+EPS = 0.1
+
+
+def _surrogate(dlogp, adv):
+    old = jnp.zeros(len(dlogp))
+    return clipped_surrogate(jnp.asarray(dlogp, jnp.float32), old, jnp.asarray(adv), EPS)
+
+
+def test_surrogate_clips_on_both_sides():
+    r_hi, r_lo = 1.5, 0.5
+    dlogp = [np.log(r_hi), np.log(r_hi), np.log(r_lo), np.log(r_lo)]
+    adv = [2.0, -2.0, 2.0, -2.0]
+    # ratio 1.5, A>0: max(-3, -2.2) = -2.2 (clipped: no extra credit past 1+eps)
+    # ratio 1.5, A<0: max(3, 2.2) = 3      (unclipped: the full penalty stays)
+    # ratio 0.5, A>0: max(-1, -1.8) = -1   (unclipped)
+    # ratio 0.5, A<0: max(1, 1.8) = 1.8    (clipped at 1-eps)
+    per_sample = np.array([-2.2, 3.0, -1.0, 1.8])
+    loss, ratio = _surrogate(dlogp, adv)
+    np.testing.assert_allclose(ratio, [1.5, 1.5, 0.5, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(loss, per_sample.mean(), rtol=1e-6)
+
+
+def test_surrogate_inside_clip_range_is_plain_weighted_ratio():
+    dlogp = [np.log(1.05), np.log(0.97)]
+    adv = [1.0, -3.0]
+    loss, _ = _surrogate(dlogp, adv)
+    np.testing.assert_allclose(loss, np.mean([-1.05, 3 * 0.97]), rtol=1e-6)
+
+
+def test_kl_by_hand_and_zero_for_equal_means():
+    mean = jnp.arange(2 * 2 * 2 * 1, dtype=jnp.float32).reshape(2, 2, 2, 1)
+    ref = mean.at[0].add(1.0).at[1].add(2.0)
+    std = jnp.array([0.5, 2.0])
+    # sample 0: 1 / (2*0.25) = 2; sample 1: 4 / (2*4) = 0.5
+    np.testing.assert_allclose(mean_kl(mean, ref, std), 1.25, rtol=1e-6)
+    np.testing.assert_allclose(mean_kl(mean, ref, std.reshape(2, 1, 1, 1)), 1.25, rtol=1e-6)
+    assert float(mean_kl(mean, mean, std)) == 0.0
+
+
+def test_total_loss_and_stats():
+    logp = jnp.array([0.2, -0.1, 0.0])
+    old = jnp.array([0.0, 0.0, 0.0])
+    adv = jnp.array([1.0, -1.0, 0.5])
+    mean = jnp.ones((3, 4))
+    ref = jnp.zeros((3, 4))
+    std = jnp.array([1.0, 1.0, 1.0])
+    loss, stats = grpo_loss(logp, old, adv, mean, ref, std, clip_range=0.1, beta=0.04)
+    ratio = np.exp([0.2, -0.1, 0.0])
+    pg = np.mean(
+        np.maximum(-np.array(adv) * ratio, -np.array(adv) * np.clip(ratio, 0.9, 1.1))
+    )
+    np.testing.assert_allclose(stats["policy_loss"], pg, rtol=1e-6)
+    np.testing.assert_allclose(stats["kl"], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(loss, pg + 0.04 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(stats["approx_kl"], 0.5 * np.mean([0.04, 0.01, 0.0]), rtol=1e-6)
+    # |ratio - 1|: 0.221, 0.095, 0 -> one of three beyond 0.1
+    np.testing.assert_allclose(stats["clipfrac"], 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(stats["ratio_mean"], ratio.mean(), rtol=1e-6)
+
+
+def test_beta_without_reference_is_an_error():
+    x = jnp.zeros(2)
+    with pytest.raises(ValueError, match="ref_mean"):
+        grpo_loss(x, x, x, x, None, x + 1, clip_range=0.1, beta=0.1)
