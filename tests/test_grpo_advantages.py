@@ -27,7 +27,7 @@ def test_per_group_std_advantages_by_hand():
 
 
 def test_clipping_and_zero_std_groups():
-    # One outlier in group "x": its advantage (3 / (0.43+1e-4) ~ 1.73) is clipped to 1.5.
+    # One outlier in group "x": its advantage (0.75 / 0.433 ~ 1.73) is clipped to 1.5.
     prompts = ["x"] * 4 + ["y"] * 3
     rewards = [0.0, 0.0, 0.0, 1.0, 0.1, 0.1, 0.1]
     out = group_advantages(prompts, rewards, global_std=False, clip_max=1.5)
