@@ -29,6 +29,7 @@ from flowgrpo_jax.rewards import registry
 from flowgrpo_jax.rewards.protocol import CONTENT_TYPE, ProtocolError, decode_request
 
 log = logging.getLogger("flowgrpo_jax.rewards.server")
+_DISCARD_LIMIT = 64 * 2**20
 
 
 class RewardService:
@@ -181,10 +182,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     def _discard_body(self) -> None:
-        """Reads and drops a body we refuse, up to the size limit, so the client can read our
-        answer; anything longer is cut off by closing the connection."""
+        """Reads and drops a body we refuse (up to _DISCARD_LIMIT bytes) so that the client gets
+        to read our answer; a longer one is cut off by closing the connection."""
         self.close_connection = True
-        remaining = min(int(self.headers.get("Content-Length") or 0), self.server.max_request_bytes)
+        remaining = min(int(self.headers.get("Content-Length") or 0), _DISCARD_LIMIT)
         try:
             while remaining > 0:
                 chunk = self.rfile.read(min(remaining, 1 << 20))
