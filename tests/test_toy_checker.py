@@ -1,0 +1,174 @@
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from flowgrpo_jax.toy import checker, prompts, scenes, world
+
+SIZE = world.DEFAULT_IMAGE_SIZE
+PER_TAG = 60
+
+
+def _ground_truth(seed):
+    rng = np.random.default_rng(seed)
+    metadata, images = [], []
+    for tag in prompts.TAGS:
+        candidates = prompts.all_prompts(tag)
+        for _ in range(PER_TAG):
+            m = candidates[rng.integers(len(candidates))]
+            metadata.append(m)
+            images.append(world.render_scene(scenes.sample_scene(m, rng), SIZE))
+    return np.stack(images), metadata
+
+
+def _per_tag(values, metadata):
+    tags = np.array([m["tag"] for m in metadata])
+    return {tag: float(values[tags == tag].mean()) for tag in prompts.TAGS}
+
+
+def test_ground_truth_renders_score_near_perfect_on_every_tag():
+    images, metadata = _ground_truth(seed=0)
+    checker.score_batch(images[:1], metadata[:1])  # builds the shape bank outside the timing
+    start = time.perf_counter()
+    scores = checker.score_batch(images, metadata)
+    rate = len(images) / (time.perf_counter() - start)
+    strict = _per_tag(scores["strict"], metadata)
+    print(f"strict per tag {strict}; partial {scores['partial'].mean():.4f}; {rate:.0f} images/s")
+    assert scores["strict"].dtype == np.float32 and scores["strict"].shape == (len(images),)
+    assert min(strict.values()) >= 0.98
+    assert scores["partial"].mean() >= 0.98
+
+
+def test_blurred_noisy_renders_still_score_high():
+    """Generated images are softer than renders: a Gaussian blur of 1% of the side plus noise."""
+    images, metadata = _ground_truth(seed=1)
+    rng = np.random.default_rng(2)
+    blurred = np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(0.01 * SIZE)))
+                        for im in images]).astype(np.float32)
+    noisy = np.clip(blurred + rng.normal(0, 12, blurred.shape), 0, 255).astype(np.uint8)
+    strict = _per_tag(checker.score_batch(noisy, metadata)["strict"], metadata)
+    print(f"blurred strict per tag {strict}")
+    assert min(strict.values()) >= 0.95
+
+
+def _scene_for(metadata, seed=0):
+    return scenes.sample_scene(metadata, np.random.default_rng(seed))
+
+
+def _check(scene, metadata):
+    return checker.check(world.render_scene(scene, SIZE), metadata)
+
+
+def _variants(tag, n=15):
+    return prompts.all_prompts(tag)[:: max(1, len(prompts.all_prompts(tag)) // n)][:n]
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_wrong_count_is_caught(delta):
+    for m in _variants("counting"):
+        n = m["include"][0]["count"] + delta
+        if n > prompts.MAX_COUNT:
+            continue
+        wrong = dict(m, include=[dict(m["include"][0], count=n)], exclude=[])
+        strict, partial, details = _check(_scene_for(wrong), m)
+        assert not strict, details
+        assert partial == pytest.approx(1 - 1 / m["include"][0]["count"], abs=1e-6)
+        assert details["reasons"]
+
+
+def test_wrong_colour_is_caught():
+    for m in _variants("colors"):
+        clause = m["include"][0]
+        other = world.COLORS[(world.COLORS.index(clause["color"]) + 1) % len(world.COLORS)]
+        scene = _scene_for(dict(m, include=[dict(clause, color=other)]))
+        strict, partial, details = _check(scene, m)
+        assert not strict and partial == pytest.approx(0.5), details
+        assert any("expected " + clause["color"] in r for r in details["reasons"])
+
+
+def test_swapped_colours_are_caught():
+    for m in _variants("color_attr"):
+        a, b = m["include"]
+        swapped = dict(m, include=[dict(a, color=b["color"]), dict(b, color=a["color"])])
+        strict, partial, _ = _check(_scene_for(swapped), m)
+        assert not strict and partial == pytest.approx(0.5)
+
+
+def test_wrong_position_is_caught():
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    for m in _variants("position"):
+        target, subject = m["include"]
+        relation = subject["position"][0]
+        wrong = dict(m, include=[target, dict(subject, position=[opposite[relation], 0])])
+        strict, partial, details = _check(_scene_for(wrong), m)
+        assert not strict, details
+        assert partial == pytest.approx(2 / 3)
+        assert any(f"expected {subject['class']} {relation}" in r for r in details["reasons"])
+
+
+def test_missing_object_is_caught():
+    for m in _variants("two_object"):
+        strict, partial, details = _check(_scene_for(dict(m, include=m["include"][:1])), m)
+        assert not strict and partial == pytest.approx(0.5), details
+    empty = np.zeros((SIZE, SIZE, 3), np.uint8)
+    for tag in prompts.TAGS:
+        strict, partial, _ = checker.check(empty, prompts.all_prompts(tag)[0])
+        assert not strict and partial == 0.0
+
+
+def test_wrong_shape_is_caught():
+    for i, shape in enumerate(world.SHAPES):
+        m = prompts.all_prompts("single_object")[i]
+        other = world.SHAPES[(i + 1) % len(world.SHAPES)]
+        scene = _scene_for(dict(m, include=[dict(m["include"][0], **{"class": other})]))
+        strict, partial, _ = _check(scene, m)
+        assert not strict and partial == 0.0
+
+
+def test_extra_object_breaks_counting_exclude_but_not_single_object():
+    three = [world.SceneObject("circle", "red", x, 0.5, 0.25) for x in (0.17, 0.5, 0.83)]
+    counting_two = next(m for m in prompts.all_prompts("counting")
+                        if m["include"][0] == {"class": "circle", "count": 2})
+    strict, partial, details = _check(three, counting_two)
+    assert not strict and partial == pytest.approx(0.5)
+    assert "expected circle<3, found 3" in details["reasons"]
+    # GenEval's single-object rule is "at least one"; the partial score wants exactly one.
+    strict, partial, _ = _check(three, prompts.all_prompts("single_object")[0])
+    assert strict and partial == 0.0
+
+
+def test_unknown_colour_is_an_object_of_no_colour():
+    image = world.render_scene([world.SceneObject("square", "red", 0.5, 0.5, 0.3)], SIZE)
+    image[np.all(image == world.PALETTE["red"], axis=-1)] = (240, 140, 20)  # orange
+    (found,) = checker.detect_batch(image[None])
+    assert [(d.shape, d.color) for d in found] == [("square", None)]
+
+
+def test_tiny_blobs_are_ignored():
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    image[5:7, 5:7] = world.PALETTE["red"]
+    assert checker.detect_batch(image[None]) == [[]]
+
+
+def test_detections_report_box_and_area():
+    obj = world.SceneObject("square", "blue", 0.5, 0.5, 0.25)
+    (found,) = checker.detect_batch(world.render_scene([obj], SIZE)[None])
+    (d,) = found
+    x0, y0, x1, y1 = obj.box(SIZE)
+    assert (d.shape, d.color) == ("square", "blue")
+    assert d.box == (round(x0), round(y0), round(x1), round(y1))
+    assert d.area == pytest.approx((x1 - x0) * (y1 - y0), rel=0.1)
+    assert dataclasses.asdict(d)["shape"] == "square"
+
+
+def test_bad_inputs_name_the_problem():
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    m = prompts.all_prompts("colors")[0]
+    with pytest.raises(ValueError, match="uint8"):
+        checker.score_batch(image[None].astype(np.float32), [m])
+    with pytest.raises(ValueError, match="1 images but 2 metadata"):
+        checker.score_batch(image[None], [m, m])
+    with pytest.raises(ValueError, match="not a toy colour"):
+        checker.check(image, dict(m, include=[dict(m["include"][0], color="pink")]))

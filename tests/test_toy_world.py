@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from flowgrpo_jax.toy import prompts, scenes, world
+
+
+def test_render_draws_palette_colours_on_black():
+    scene = [world.SceneObject("square", "red", 0.25, 0.25, 0.3),
+             world.SceneObject("circle", "cyan", 0.75, 0.7, 0.3)]
+    image = world.render_scene(scene, 48)
+    assert image.shape == (48, 48, 3) and image.dtype == np.uint8
+    assert tuple(image[12, 12]) == world.PALETTE["red"]
+    assert tuple(image[34, 36]) == world.PALETTE["cyan"]
+    assert tuple(image[2, 46]) == world.BACKGROUND
+    assert world.render_scene(scene, 32).shape == (32, 32, 3)
+
+
+def test_render_rejects_unknown_shape_and_colour():
+    with pytest.raises(ValueError, match="unknown shape 'star'"):
+        world.render_scene([world.SceneObject("star", "red", 0.5, 0.5, 0.3)])
+    with pytest.raises(ValueError, match="unknown colour 'pink'"):
+        world.render_scene([world.SceneObject("circle", "pink", 0.5, 0.5, 0.3)])
+
+
+def test_relations_follow_geneval():
+    left, right = (0, 10, 10, 20), (30, 12, 40, 22)
+    assert world.relations(left, right) == {"left of"}
+    assert world.relations(right, left) == {"right of"}
+    top, bottom = (10, 0, 20, 10), (12, 30, 22, 40)
+    assert world.relations(top, bottom) == {"above"}
+    assert world.relations(bottom, top) == {"below"}
+    assert world.relations((0, 0, 10, 10), (30, 30, 40, 40)) == {"left of", "above"}
+    # Offsets smaller than 0.1 * (summed sizes) count as no relation.
+    assert world.relations((0, 0, 10, 10), (3, 0, 13, 10)) == set()
+
+
+@pytest.mark.parametrize("tag", prompts.TAGS)
+def test_sampled_scenes_meet_their_metadata(tag):
+    rng = np.random.default_rng(0)
+    for metadata in prompts.all_prompts(tag)[:40]:
+        scene = scenes.sample_scene(metadata, rng)
+        groups, start = [], 0
+        for clause in metadata["include"]:
+            group = scene[start:start + clause["count"]]
+            start += clause["count"]
+            assert [o.shape for o in group] == [clause["class"]] * clause["count"]
+            if "color" in clause:
+                assert all(o.color == clause["color"] for o in group)
+            if "position" in clause:
+                relation, target = clause["position"]
+                for o in group:
+                    for t in groups[target]:
+                        assert world.relations(o.box(), t.box()) == {relation}
+            groups.append(group)
+        assert start == len(scene)
+        for i, a in enumerate(scene):
+            x0, y0, x1, y1 = a.box()
+            assert 0 <= x0 and 0 <= y0 and x1 <= 1 and y1 <= 1
+            for b in scene[i + 1:]:
+                assert scenes._apart(a.box(), [b.box()], scenes.GAP - 1e-9)
+
+
+def test_sampler_rejects_contradictory_metadata():
+    metadata = {"tag": "counting", "include": [{"class": "circle", "count": 3}],
+                "exclude": [{"class": "circle", "count": 3}], "prompt": "p"}
+    with pytest.raises(ValueError, match="excludes 3 or more"):
+        scenes.sample_scene(metadata, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="not a toy shape"):
+        scenes.sample_scene({"tag": "single_object", "include": [{"class": "dog", "count": 1}],
+                             "prompt": "a photo of a dog"}, np.random.default_rng(0))
