@@ -1,0 +1,230 @@
+"""MMDiT parity with diffusers' SD3Transformer2DModel, through the conversion table.
+
+Tiny random-init reference models (all weights perturbed, so zero-initialised parts matter),
+converted in memory with `core.convert(RULES)`, compared at fp32 and with bf16 compute.
+"""
+import copy
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from flax import nnx
+
+from flowgrpo_jax.convert.core import ConversionError, convert, plan, target_shapes
+from flowgrpo_jax.convert.mmdit_table import RULES
+from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "sd35m")
+
+TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+            num_attention_heads=3, joint_attention_dim=20, caption_projection_dim=24,
+            pooled_projection_dim=12, out_channels=5, pos_embed_max_size=8)
+# (diffusers config, latent (B, H, W), text length): latent grids smaller than the 8x8 position
+# table, non-square, so the centre crop is offset differently on each axis.
+CASES = {
+    "sd3": (TINY, (2, 10, 6), 7),
+    "sd35": (dict(TINY, num_layers=4, dual_attention_layers=(0, 2), qk_norm="rms_norm"),
+             (3, 6, 14), 5),
+}
+
+
+def _reference(config: dict, seed: int = 0) -> SD3Transformer2DModel:
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**config).eval()
+    with torch.no_grad():  # perturb everything, the pos_embed buffer included
+        for tensor in model.state_dict(keep_vars=True).values():
+            tensor.add_(0.1 * torch.randn_like(tensor))
+    return model
+
+
+def _convert(reference: SD3Transformer2DModel, dtype=jnp.float32, param_dtype=jnp.float32,
+             **options) -> MMDiT:
+    config = MMDiTConfig.from_diffusers(dict(reference.config), **options)
+    model = MMDiT(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
+    flat = convert(tensors, RULES, target_shapes(model))
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(flat[tuple(path)], param_dtype))
+    nnx.update(model, state)
+    return model
+
+
+def _inputs(config: dict, latent_shape, text_len, seed=1):
+    rng = np.random.default_rng(seed)
+    batch = latent_shape[0]
+    return dict(
+        x=rng.standard_normal((*latent_shape, config["in_channels"]), dtype=np.float32),
+        timestep=rng.uniform(0, 1000, batch).astype(np.float32),
+        encoder_hidden_states=rng.standard_normal(
+            (batch, text_len, config["joint_attention_dim"]), dtype=np.float32),
+        pooled_projections=rng.standard_normal(
+            (batch, config["pooled_projection_dim"]), dtype=np.float32))
+
+
+def _reference_output(reference, inputs) -> np.ndarray:
+    with torch.no_grad():
+        out = reference(
+            hidden_states=torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2),
+            timestep=torch.from_numpy(inputs["timestep"]),
+            encoder_hidden_states=torch.from_numpy(inputs["encoder_hidden_states"]),
+            pooled_projections=torch.from_numpy(inputs["pooled_projections"])).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def _jitted_output(model: MMDiT, inputs) -> np.ndarray:
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, kw: nnx.merge(graphdef, s)(**kw))
+    out = forward(state, {k: jnp.asarray(v) for k, v in inputs.items()})
+    return np.asarray(out.astype(jnp.float32))
+
+
+def _relative_l2(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    config, latent_shape, text_len = CASES[request.param]
+    reference = _reference(config)
+    inputs = _inputs(config, latent_shape, text_len)
+    return request.param, reference, inputs, _reference_output(reference, inputs)
+
+
+def test_fp32_matches_diffusers(case):
+    name, reference, inputs, expected = case
+    out = _jitted_output(_convert(reference), inputs)
+    assert out.shape == expected.shape
+    error = _relative_l2(out, expected)
+    print(f"{name} fp32 relative L2 error {error:.2e}")
+    assert error < 1e-5
+
+
+def _diffusers_bf16_error(reference, inputs, expected) -> float:
+    """What bf16 costs diffusers itself on this case: the yardstick for our bf16 error."""
+    bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    with torch.no_grad():
+        out = bf16(hidden_states=torch.from_numpy(inputs["x"]).permute(0, 3, 1, 2).bfloat16(),
+                   timestep=torch.from_numpy(inputs["timestep"]),
+                   encoder_hidden_states=torch.from_numpy(inputs["encoder_hidden_states"]).bfloat16(),
+                   pooled_projections=torch.from_numpy(inputs["pooled_projections"]).bfloat16()).sample
+    return _relative_l2(out.float().permute(0, 2, 3, 1).numpy(), expected)
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32-params", "bf16-params"])
+def test_bf16_compute_close_to_fp32_reference(case, param_dtype):
+    name, reference, inputs, expected = case
+    model = _convert(reference, dtype=jnp.bfloat16, param_dtype=param_dtype)
+    error = _relative_l2(_jitted_output(model, inputs), expected)
+    diffusers_error = _diffusers_bf16_error(reference, inputs, expected)
+    print(f"{name} bf16 compute, {jnp.dtype(param_dtype).name} params: relative L2 error "
+          f"{error:.2e} (diffusers in bf16: {diffusers_error:.2e})")
+    assert error < min(2e-2, 2 * diffusers_error)
+
+
+def test_remat_gives_same_output_and_gradient():
+    config = dict(TINY, num_layers=2, dual_attention_layers=(0,), qk_norm="rms_norm")
+    reference = _reference(config)
+    inputs = {k: jnp.asarray(v) for k, v in _inputs(config, (2, 6, 4), 3).items()}
+
+    def grads(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        def loss(p):
+            out = nnx.merge(graphdef, p, rest)(**inputs)
+            return jnp.mean(out ** 2), out
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+    plain_grads, plain_out = grads(_convert(reference))
+    remat_grads, remat_out = grads(_convert(reference, remat=True))
+    np.testing.assert_allclose(remat_out, plain_out, rtol=1e-6, atol=1e-6)
+    for (path, g_remat), (_, g_plain) in zip(nnx.to_flat_state(remat_grads),
+                                             nnx.to_flat_state(plain_grads)):
+        np.testing.assert_allclose(g_remat[...], g_plain[...], rtol=1e-5, atol=1e-7,
+                                   err_msg=str(path))
+
+
+def _sd35m_diffusers_config() -> dict:
+    with open(os.path.join(DATA, "transformer.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def sd35m_abstract() -> MMDiT:
+    """The full-size SD3.5-Medium model as shapes only (tracing it takes seconds: share it)."""
+    config = MMDiTConfig.from_diffusers(_sd35m_diffusers_config())
+    return nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16))
+
+
+def test_sd35_medium_parameter_count(sd35m_abstract):
+    def count(state):
+        return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(state))
+    with open(os.path.join(DATA, "param_counts.json")) as f:
+        expected = json.load(f)["transformer"]
+    trainable = nnx.state(sd35m_abstract, nnx.All(nnx.Param, nnx.Not(Buffer)))
+    assert count(trainable) == expected == 2_243_171_520
+    # diffusers' position table is a buffer, outside its parameter count
+    assert count(nnx.state(sd35m_abstract, Buffer)) == 384 * 384 * 1536
+
+
+def test_table_covers_sd35_medium_checkpoint_keys(sd35m_abstract):
+    with torch.device("meta"):
+        reference = SD3Transformer2DModel(**_sd35m_diffusers_config())
+    src_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    target = target_shapes(sd35m_abstract)
+    mapping = plan(src_shapes, RULES, target)
+    assert len(mapping) == len(src_shapes) == len(target)
+
+
+def test_conversion_rejects_a_checkpoint_of_another_config():
+    config, _, _ = CASES["sd3"]
+    tensors = {k: v.numpy() for k, v in _reference(config).state_dict().items()}
+    sd35 = MMDiTConfig.from_diffusers(CASES["sd35"][0])
+    target = target_shapes(nnx.eval_shape(lambda: MMDiT(sd35, rngs=nnx.Rngs(0))))
+    with pytest.raises(ConversionError, match="attn2.to_q.kernel"):
+        convert(tensors, RULES, target)
+
+
+def test_every_parameter_has_logical_axes():
+    model = MMDiT(MMDiTConfig.from_diffusers(CASES["sd35"][0]), rngs=nnx.Rngs(0))
+    specs = dict(nnx.to_flat_state(nnx.get_partition_spec(nnx.state(model, nnx.Param))))
+    shapes = target_shapes(model)
+    assert specs.keys() == shapes.keys()
+    for path, spec in specs.items():
+        assert len(spec.get_value()) == len(shapes[path]), path
+    assert tuple(specs[("transformer_blocks", 0, "attn", "to_q", "kernel")].get_value()) == ("embed", "heads")
+    assert tuple(specs[("transformer_blocks", 0, "attn", "to_out", "kernel")].get_value()) == ("heads", "embed")
+    assert tuple(specs[("transformer_blocks", 1, "ff", "proj_in", "kernel")].get_value()) == ("embed", "mlp")
+
+
+def test_config_from_diffusers_reads_sd3_and_rejects_bad_configs():
+    sd3_medium = dict(TINY, _class_name="SD3Transformer2DModel", _diffusers_version="0.29.0")
+    config = MMDiTConfig.from_diffusers(sd3_medium, remat=True)
+    assert config.dual_attention_layers == () and config.qk_norm is None and config.remat
+    assert MMDiTConfig.from_diffusers(dict(TINY, out_channels=None)).out_channels == TINY["in_channels"]
+    sd35m = MMDiTConfig.from_diffusers(_sd35m_diffusers_config())
+    assert sd35m.dual_attention_layers == tuple(range(13)) and sd35m.qk_norm == "rms_norm"
+    missing = {k: v for k, v in TINY.items() if k != "joint_attention_dim"}
+    with pytest.raises(ValueError, match="joint_attention_dim"):
+        MMDiTConfig.from_diffusers(missing)
+    with pytest.raises(ValueError, match="use_flash"):
+        MMDiTConfig.from_diffusers(dict(TINY, use_flash=True))
+    with pytest.raises(ValueError, match="FluxTransformer2DModel"):
+        MMDiTConfig.from_diffusers(dict(TINY, _class_name="FluxTransformer2DModel"))
+    with pytest.raises(ValueError, match="qk_norm"):
+        MMDiTConfig.from_diffusers(dict(TINY, qk_norm="layer_norm"))
+
+
+def test_bad_latent_sizes_are_named():
+    model = MMDiT(MMDiTConfig.from_diffusers(TINY), rngs=nnx.Rngs(0))
+    text, pooled, t = jnp.zeros((1, 3, 20)), jnp.zeros((1, 12)), jnp.zeros((1,))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(jnp.zeros((1, 7, 6, 4)), t, text, pooled)
+    with pytest.raises(ValueError, match="exceeds pos_embed_max_size"):
+        model(jnp.zeros((1, 18, 6, 4)), t, text, pooled)
+    with pytest.raises(ValueError, match="NHWC"):
+        model(jnp.zeros((1, 4, 6, 6)), t, text, pooled)
