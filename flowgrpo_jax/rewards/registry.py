@@ -29,6 +29,7 @@ _BUILTIN_MODULES = (
     "flowgrpo_jax.rewards.clipscore",
     "flowgrpo_jax.rewards.aesthetic",
     "flowgrpo_jax.rewards.geneval_remote",
+    "flowgrpo_jax.toy.reward",
 )
 
 
