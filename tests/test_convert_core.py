@@ -118,3 +118,16 @@ def test_store_round_trip_and_damage(tmp_path):
                 os.truncate(os.path.join(root, name), 10)
     with pytest.raises(ComponentLoadError, match="damaged"):
         load_params(str(tmp_path), nnx.eval_shape(lambda: Tiny(nnx.Rngs(0))))
+
+
+def test_fallback_rule_fills_only_a_target_nobody_else_fills():
+    rules = [Rule(r"blocks\.(\d+)\.weight", r"blocks.\1.kernel", linear),
+             Rule(r"tied\.(\d+)\.weight", r"blocks.\1.kernel", linear, fallback=True),
+             *RULES[:2], Rule(r"blocks\.(\d+)\.bias", r"blocks.\1.bias")]
+    w = torch_style_weights(np.random.default_rng(0))
+    del w["position_ids"]
+    w["tied.0.weight"] = w["blocks.0.weight"] + 1  # both present: the primary wins
+    w["tied.1.weight"] = w.pop("blocks.1.weight")  # alone: the fallback fills the target
+    out = convert(w, rules, target())
+    np.testing.assert_array_equal(out[("blocks", 0, "kernel")], w["blocks.0.weight"].T)
+    np.testing.assert_array_equal(out[("blocks", 1, "kernel")], w["tied.1.weight"].T)

@@ -32,8 +32,10 @@ def conv2d(x):
 @dataclass(frozen=True)
 class Rule:
     src: str
-    dst: str | None  # None: a known source key that the model does not use (e.g. a tied copy)
+    dst: str | None  # None: a known source key that the model does not use
     transform: Callable[[np.ndarray], np.ndarray] = identity
+    # A fallback fills its target only when no other key does (a tied copy saved alone).
+    fallback: bool = False
 
 
 class ConversionError(ValueError):
@@ -76,15 +78,17 @@ def plan(src_shapes: Mapping[str, tuple], rules: Sequence[Rule],
     """Maps every source key to (Flax path, rule), or raises ConversionError naming the problems."""
     compiled = [(re.compile(r.src), r) for r in rules]
     mapping, unexpected, misshaped, produced_by = {}, [], [], {}
+    hits = []
     for key in sorted(src_shapes):
         hit = next(((m, r) for c, r in compiled if (m := c.fullmatch(key))), None)
         if hit is None:
             unexpected.append(f"{key} {list(src_shapes[key])} (no rule matches)")
-            continue
-        match, rule = hit
-        if rule.dst is None:
-            continue
+        elif hit[1].dst is not None:
+            hits.append((key, *hit))
+    for key, match, rule in sorted(hits, key=lambda h: h[2].fallback):
         path = parse_path(match.expand(rule.dst))
+        if rule.fallback and path in produced_by:
+            continue
         if path not in target:
             unexpected.append(f"{key} -> {format_path(path)} (the model has no such parameter)")
             continue

@@ -1,6 +1,6 @@
 """transformers T5EncoderModel keys -> `models.t5.T5EncoderModel` paths.
 
-`encoder.embed_tokens.weight` is a tied copy of `shared.weight`: known and ignored.
+`encoder.embed_tokens.weight` is a tied copy of `shared.weight`: used only when saved alone.
 """
 from flowgrpo_jax.convert.core import Rule, identity, linear
 
@@ -8,7 +8,7 @@ _BLOCK = r"encoder\.block\.(\d+)\.layer"
 
 RULES = (
     Rule(r"shared\.weight", "shared.embedding", identity),
-    Rule(r"encoder\.embed_tokens\.weight", None),
+    Rule(r"encoder\.embed_tokens\.weight", "shared.embedding", identity, fallback=True),
     Rule(r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
          "relative_attention_bias.embedding", identity),
     Rule(_BLOCK + r"\.0\.SelfAttention\.(q|k|v|o)\.weight", r"blocks.\1.attention.\2.kernel", linear),

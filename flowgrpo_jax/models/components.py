@@ -38,6 +38,16 @@ COMPONENTS = (
     Component("transformer", ("SD3Transformer2DModel",), "flowgrpo_jax.models.mmdit:MMDiT",
               "flowgrpo_jax.models.mmdit:MMDiTConfig.from_diffusers",
               "flowgrpo_jax.convert.mmdit_table:RULES"),
+    Component("vae", ("AutoencoderKL",), "flowgrpo_jax.models.vae:AutoencoderKL",
+              "flowgrpo_jax.models.vae:VAEConfig.from_diffusers",
+              "flowgrpo_jax.convert.vae_table:RULES"),
+    Component("clip_text", ("CLIPTextModelWithProjection",),
+              "flowgrpo_jax.models.clip_text:CLIPTextModelWithProjection",
+              "flowgrpo_jax.models.clip_text:CLIPTextConfig.from_transformers",
+              "flowgrpo_jax.convert.clip_table:RULES"),
+    Component("t5_encoder", ("T5EncoderModel",), "flowgrpo_jax.models.t5:T5EncoderModel",
+              "flowgrpo_jax.models.t5:T5Config.from_transformers",
+              "flowgrpo_jax.convert.t5_table:RULES"),
 )
 
 
