@@ -172,3 +172,12 @@ def test_bad_inputs_name_the_problem():
         checker.score_batch(image[None], [m, m])
     with pytest.raises(ValueError, match="not a toy colour"):
         checker.check(image, dict(m, include=[dict(m["include"][0], color="pink")]))
+
+
+def test_blobs_that_are_no_shape_are_not_counted():
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    image[20:26, 4:44] = world.PALETTE["green"]  # a long bar
+    (found,) = checker.detect_batch(image[None])
+    assert [(d.shape, d.color) for d in found] == [(None, "green")]
+    strict, partial, _ = checker.check(image, prompts.all_prompts("colors")[0])
+    assert not strict and partial == 0.0

@@ -3,9 +3,9 @@
 Detection: each pixel bright enough to be foreground gets the palette colour nearest to its
 brightness-normalised RGB (a blend with the black background keeps that direction), or
 "unknown" when none is near; connected components of one label are objects; components below
-`min_area` are ignored; the shape is the template nearest to the component's mask cropped to
-its box and resampled to a small grid. Objects of a class are ranked by area, our stand-in for
-a detector's confidence.
+`min_area` are ignored; the shape is that of the nearest example in a bank of synthesised
+renders (see shape_classifier), or none when the component resembles none of them. Objects of
+a class are ranked by area, our stand-in for a detector's confidence.
 
 Scoring follows GenEval's evaluate() for `strict` (include clauses need at least `count`
 objects of the class, colour and position checked on the top-ranked `count` of them; an
@@ -36,7 +36,7 @@ _STRUCTURE[1] = True
 
 @dataclass(frozen=True)
 class Detection:
-    shape: str
+    shape: str | None  # None: no shape of the world
     color: str | None  # None: not near any palette colour
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
     area: int
