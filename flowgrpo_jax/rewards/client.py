@@ -54,11 +54,14 @@ class RewardServerError(RuntimeError):
 class RewardClient:
     def __init__(self, rewards=None, *, url: str | None = None, options: dict | None = None,
                  plugins=(), max_failures: int = 3, request_timeout: float = 600.0,
-                 startup_timeout: float = 600.0, retry_delay: float = 1.0, max_workers: int = 4,
+                 startup_timeout: float = 600.0, retry_delay: float = 1.0, max_workers: int = 2,
                  server_args=()):
         """rewards: "ocr:1.0,pickscore:0.5" or {"ocr": 1.0, ...} to start a local server;
         url: the address of a running server instead. options: {"pickscore": {"model": path}}.
-        plugins: modules or .py files that register extra rewards in the local server."""
+        plugins: modules or .py files that register extra rewards in the local server.
+        max_workers batches are in flight at once (the server scores one at a time, the next
+        one uploads meanwhile); a request that gets no answer for request_timeout seconds counts
+        as a failure, so keep it above max_workers times the slowest batch's scoring time."""
         if (rewards is None) == (url is None):
             raise ValueError("give either rewards (to start a local server) or url (of a running one)")
         self.max_failures = max_failures
@@ -134,7 +137,8 @@ class RewardClient:
         pool = getattr(self, "_pool", None)
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)
-        self._stop_process()
+        with self._state_lock:  # not while another thread is restarting the server
+            self._stop_process()
         if pool:
             pool.shutdown(wait=True)
         if self._workdir:

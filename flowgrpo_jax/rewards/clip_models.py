@@ -38,8 +38,8 @@ def load_clip(model_source: str, processor_source: str, *, reward: str, env_var:
     return model, loaded["processor"], device
 
 
-def image_embeddings(model, processor, images: np.ndarray, device) -> "torch.Tensor":
-    """L2-normalised projected CLIP image embeddings, (N, D) float32."""
+def image_embeddings(model, processor, images: np.ndarray, device):
+    """L2-normalised projected CLIP image embeddings, a (N, D) float32 torch tensor."""
     import torch
 
     pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(device)
@@ -49,7 +49,7 @@ def image_embeddings(model, processor, images: np.ndarray, device) -> "torch.Ten
     return embeds / embeds.norm(dim=-1, keepdim=True)
 
 
-def text_embeddings(model, processor, prompts, device) -> "torch.Tensor":
+def text_embeddings(model, processor, prompts, device):
     """L2-normalised projected CLIP text embeddings, (N, D) float32; prompts cut at 77 tokens."""
     import torch
 

@@ -169,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True
-            raise ProtocolError("a POST /score needs a Content-Length header", 411)
+            raise ProtocolError("a POST /score needs a valid Content-Length header", 411)
         length = int(length)
         if length > self.server.max_request_bytes:
             self._discard_body()
