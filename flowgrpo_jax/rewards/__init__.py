@@ -1,0 +1,1 @@
+"""Rewards run in a separate host process: server.py, client.py; see docs/rewards.md."""

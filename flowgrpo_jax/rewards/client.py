@@ -36,6 +36,7 @@ from flowgrpo_jax.rewards.protocol import CONTENT_TYPE, encode_request
 
 # Failures worth a restart or a retry; anything else (a 4xx, a reward raising) is final.
 _RETRYABLE = (OSError, http.client.HTTPException)
+_GET_TIMEOUT = 60.0  # /health and /stats answer at once unless the host is overloaded
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -182,15 +183,15 @@ class RewardClient:
             cached=payload["cached"])
 
     def _get(self, path: str) -> dict:
-        status, payload = self._request(self._url, "GET", path)
+        status, payload = self._request(self._url, "GET", path, timeout=_GET_TIMEOUT)
         if status != 200:
             raise RewardServerError(f"GET {path} answered HTTP {status}: {payload}")
         return payload
 
-    def _request(self, url, method, path, body=None, headers=None):
+    def _request(self, url, method, path, body=None, headers=None, timeout=None):
         parsed = urllib.parse.urlsplit(url)
         connection = http.client.HTTPConnection(parsed.hostname, parsed.port,
-                                                timeout=self.request_timeout)
+                                                timeout=timeout or self.request_timeout)
         try:
             connection.request(method, path, body=body, headers=headers or {})
             response = connection.getresponse()
