@@ -139,11 +139,15 @@ def test_extra_object_breaks_counting_exclude_but_not_single_object():
     assert strict and partial == 0.0
 
 
-def test_unknown_colour_is_an_object_of_no_colour():
+@pytest.mark.parametrize("rgb, colour", [((255, 105, 180), None),  # pink: between red and purple
+                                         ((140, 130, 110), None),  # greyish: neither colour nor white
+                                         ((200, 90, 90), "red"),  # washed-out red
+                                         ((150, 150, 150), "white")])
+def test_colour_is_read_by_hue(rgb, colour):
     image = world.render_scene([world.SceneObject("square", "red", 0.5, 0.5, 0.3)], SIZE)
-    image[np.all(image == world.PALETTE["red"], axis=-1)] = (240, 140, 20)  # orange
+    image[np.all(image == world.PALETTE["red"], axis=-1)] = rgb
     (found,) = checker.detect_batch(image[None])
-    assert [(d.shape, d.color) for d in found] == [("square", None)]
+    assert [(d.shape, d.color) for d in found] == [("square", colour)]
 
 
 def test_tiny_blobs_are_ignored():

@@ -1,9 +1,8 @@
 """GenEval-style checker of toy-world images: detect the objects, score a prompt's metadata.
 
-Detection: each pixel bright enough to be foreground gets the palette colour nearest to its
-brightness-normalised RGB (a blend with the black background keeps that direction), or
-"unknown" when none is near; connected components of one label are objects; components below
-`min_area` are ignored; the shape is that of the nearest example in a bank of synthesised
+Detection: each pixel bright enough to be foreground gets the palette colour of nearest hue
+(white when unsaturated), or "unknown" when no palette hue is near or the pixel is greyish;
+connected components of one label are objects; components below `min_area` are ignored; the shape is that of the nearest example in a bank of synthesised
 renders (see shape_classifier), or none when the component resembles none of them. Objects of
 a class are ranked by area, our stand-in for a detector's confidence.
 
@@ -25,10 +24,14 @@ from flowgrpo_jax.toy.prompts import validate_metadata
 from flowgrpo_jax.toy.world import COLORS, PALETTE, relations
 
 FOREGROUND_THRESHOLD = 100  # max channel; a palette colour at about 40% coverage
-MAX_COLOR_DISTANCE = 0.3  # on brightness-normalised RGB; palette entries are >= 0.55 apart
+# Colours by HSV hue (a blend with black keeps hue and saturation): palette hues lie 47 to 79
+# degrees apart, palette saturations are >= 0.74; white is the one unsaturated colour.
+HUE_TOLERANCE = 20.0
+MIN_SATURATION = 0.4
+WHITE_MAX_SATURATION = 0.2
 MIN_AREA_FRACTION = 0.012  # of the image area; the smallest rendered object is about 0.04
 _UNKNOWN = len(COLORS)  # label of foreground pixels of no palette colour
-_DIRECTIONS = np.array([np.array(c) / max(c) for c in PALETTE.values()], np.float32)
+_CHROMATIC = tuple(c for c in COLORS if c != "white")
 # 8-connected in space, never across images or colour planes.
 _STRUCTURE = np.zeros((3, 3, 3), bool)
 _STRUCTURE[1] = True
@@ -52,18 +55,32 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def _hue_saturation(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV hue in degrees [0, 360) and saturation of uint8 (M, 3) pixels."""
+    x = pixels.astype(np.float32)
+    high, low = x.max(-1), x.min(-1)
+    spread = np.maximum(high - low, 1e-6)
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    hue = np.where(high == r, (g - b) / spread,
+                   np.where(high == g, 2 + (b - r) / spread, 4 + (r - g) / spread))
+    return (60 * hue) % 360, (high - low) / np.maximum(high, 1e-6)
+
+
+_HUES, _ = _hue_saturation(np.array([PALETTE[c] for c in _CHROMATIC], np.uint8))
+
+
 def _colour_labels(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) palette index per pixel; -1 background, _UNKNOWN foreground of no colour."""
+    """(N, H, W) index into COLORS per pixel; -1 background, _UNKNOWN foreground of no colour."""
     pixels = images.reshape(-1, 3)
-    value = pixels.max(axis=-1)
-    labels = np.full(value.shape, -1, np.int64)
-    foreground = np.flatnonzero(value >= FOREGROUND_THRESHOLD)
-    direction = pixels[foreground].astype(np.float32) / value[foreground, None]
-    distance = (np.square(direction).sum(-1, keepdims=True) - 2 * direction @ _DIRECTIONS.T
-                + np.square(_DIRECTIONS).sum(-1))
-    nearest = distance.argmin(-1)
-    nearest[distance.min(-1) > MAX_COLOR_DISTANCE**2] = _UNKNOWN
-    labels[foreground] = nearest
+    labels = np.full(len(pixels), -1, np.int64)
+    foreground = np.flatnonzero(pixels.max(axis=-1) >= FOREGROUND_THRESHOLD)
+    hue, saturation = _hue_saturation(pixels[foreground])
+    gap = np.abs((hue[:, None] - _HUES + 180) % 360 - 180)  # circular distance to each hue
+    nearest = gap.argmin(-1)
+    colour = np.array([COLORS.index(c) for c in _CHROMATIC])[nearest]
+    colour[(saturation < MIN_SATURATION) | (gap.min(-1) > HUE_TOLERANCE)] = _UNKNOWN
+    colour[saturation <= WHITE_MAX_SATURATION] = COLORS.index("white")
+    labels[foreground] = colour
     return labels.reshape(images.shape[:-1])
 
 
