@@ -68,3 +68,12 @@ def test_sampler_rejects_contradictory_metadata():
     with pytest.raises(ValueError, match="not a toy shape"):
         scenes.sample_scene({"tag": "single_object", "include": [{"class": "dog", "count": 1}],
                              "prompt": "a photo of a dog"}, np.random.default_rng(0))
+
+
+def test_sample_images_is_seeded():
+    metadata = prompts.all_prompts("color_attr")[:4]
+    a = scenes.sample_images(metadata, np.random.default_rng(3), size=32)
+    b = scenes.sample_images(metadata, np.random.default_rng(3), size=32)
+    assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, scenes.sample_images(metadata, np.random.default_rng(4), size=32))

@@ -143,8 +143,8 @@ def _strict(by_class, metadata) -> tuple[bool, list[str]]:
                     reasons.append(f"no target for {name} to be {relation}")
                 else:
                     for d in top:
-                        wrong = [relations(d.box, t.box) for t in matched_groups[target]
-                                 if relation not in relations(d.box, t.box)]
+                        seen = (relations(d.box, t.box) for t in matched_groups[target])
+                        wrong = [r for r in seen if relation not in r]
                         if wrong:
                             matched = False
                             reasons.append(f"expected {name} {relation} target, found"

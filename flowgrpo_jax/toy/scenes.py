@@ -8,7 +8,7 @@ survives a blurry reproduction.
 import numpy as np
 
 from flowgrpo_jax.toy.prompts import validate_metadata
-from flowgrpo_jax.toy.world import COLORS, SceneObject, relations
+from flowgrpo_jax.toy.world import COLORS, DEFAULT_IMAGE_SIZE, SceneObject, relations, render_scene
 
 SIZE_RANGE = (0.25, 0.34)  # object side, fraction of the image side
 GAP = 0.08  # least distance between two boxes, fraction of the image side
@@ -72,3 +72,8 @@ def sample_scene(metadata: dict, rng: np.random.Generator) -> tuple[SceneObject,
             return scene
     raise RuntimeError(f"could not lay out a scene for {metadata['prompt']!r} in"
                        f" {_TRIES_PER_SCENE} tries")
+
+
+def sample_images(metadata, rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """uint8 (N, size, size, 3): one freshly sampled scene per metadata entry, rendered."""
+    return np.stack([render_scene(sample_scene(m, rng), size) for m in metadata])

@@ -30,6 +30,8 @@ BACKGROUND = (0, 0, 0)
 RELATIONS = ("left of", "right of", "above", "below")
 # GenEval's POSITION_THRESHOLD: offsets shrink by this fraction of the two box sizes.
 POSITION_THRESHOLD = 0.1
+# 48, not 32: at 32 px circles, diamonds and crosses blur into each other (checker strict
+# accuracy 0.92 on sharp renders at 32 px, 1.0 at 48 px).
 DEFAULT_IMAGE_SIZE = 48
 CROSS_ARM = 1 / 3  # arm width of the cross, as a fraction of its box
 _SUPERSAMPLE = 4
