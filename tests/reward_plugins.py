@@ -9,10 +9,13 @@ from flowgrpo_jax.rewards.registry import register
 
 @register("mean_pixel")
 def mean_pixel():
-    """Mean brightness in [0, 1], and the red channel's as a sub-score: easy to check per image."""
+    """Mean brightness in [0, 1], and the red channel's as a sub-score: easy to check per image.
+    Also reports whether the server handed the reward a writable array."""
     def fn(images, prompts, metadata):
+        writable = np.full(len(images), float(images.flags.writeable))
         images = images.astype(np.float64) / 255
-        return {"score": images.mean(axis=(1, 2, 3)), "red": images[..., 0].mean(axis=(1, 2))}
+        return {"score": images.mean(axis=(1, 2, 3)), "red": images[..., 0].mean(axis=(1, 2)),
+                "writable": writable}
     return fn
 
 

@@ -77,6 +77,7 @@ def test_burst_of_concurrent_batches_comes_back_in_order():
             np.testing.assert_allclose(result.components["mean_pixel/red"],
                                        batch[..., 0].mean(axis=(1, 2)) / 255, rtol=1e-12)
             np.testing.assert_allclose(result.total, 2.0 * expected, rtol=1e-12)
+            assert result.components["mean_pixel/writable"].tolist() == [1.0] * len(batch)
             assert not result.cached
         assert len({f.result().batch_id for f in futures}) == len(batches)
         assert client.stats() == {"scored_batches": 12, "scored_images": 34, "cache_hits": 0}

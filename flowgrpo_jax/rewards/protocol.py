@@ -53,7 +53,7 @@ def encode_request(batch_id: str, images: np.ndarray, prompts, metadata=None) ->
     return _HEADER_LEN.pack(len(header_bytes)) + header_bytes + np.ascontiguousarray(images).tobytes()
 
 
-def decode_request(body: bytes):
+def decode_request(body: bytes | bytearray):
     """Returns (batch_id, images (N, H, W, 3) uint8, prompts, metadata); raises ProtocolError."""
     if len(body) < _HEADER_LEN.size:
         raise ProtocolError(f"body of {len(body)} bytes is too short to hold the header length")

@@ -179,7 +179,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._discard_body()
             raise ProtocolError(f"Content-Type must be {CONTENT_TYPE}, "
                                 f"got {self.headers.get('Content-Type')!r}", 415)
-        return self.rfile.read(length)
+        body = bytearray(length)  # writable, so reward functions get ordinary arrays
+        view, received = memoryview(body), 0
+        while received < length:
+            count = self.rfile.readinto(view[received:])
+            if not count:
+                raise ConnectionError(f"body ended after {received} of {length} bytes")
+            received += count
+        return body
 
     def _discard_body(self) -> None:
         """Reads and drops a body we refuse (up to _DISCARD_LIMIT bytes) so that the client gets
