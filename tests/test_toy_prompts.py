@@ -78,3 +78,14 @@ def test_load_prompts_names_the_bad_line(tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tag": "nope"}) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl:2: metadata tag 'nope'"):
         prompts.load_prompts(path)
+
+
+def test_test_asks_for_every_count_colour_and_relation():
+    def values(tag, key):
+        return {c[key] if key != "position" else c[key][0]
+                for m in TEST if m["tag"] == tag for c in m["include"] if key in c}
+    assert values("counting", "count") == set(prompts.COUNTING_RANGE)
+    assert values("colors", "color") == set(world.COLORS)
+    assert values("color_attr", "color") == set(world.COLORS)
+    assert values("position", "position") == set(world.RELATIONS)
+    assert values("two_object", "class") == set(world.SHAPES)

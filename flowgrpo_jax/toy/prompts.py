@@ -132,24 +132,41 @@ def validate_metadata(metadata: dict) -> None:
         raise ValueError(f"metadata 'prompt' must be a string, got {metadata.get('prompt')!r}")
 
 
+def _spread(prompts: list[dict], order, n: int) -> list[int]:
+    """`n` indices: each time the first one in `order` whose prompt brings the most words not
+    yet taken, so a small test share still asks for every count, colour and relation it can."""
+    words = [set(p["prompt"].split()) for p in prompts]
+    remaining, taken, seen = list(order), [], set()
+    while len(taken) < n:
+        best = max(remaining, key=lambda i: len(words[i] - seen))
+        remaining.remove(best)
+        taken.append(best)
+        seen |= words[best]
+    return taken
+
+
 def split(seed: int = DEFAULT_SEED, test_fraction: float = TEST_FRACTION) -> tuple[dict, dict]:
     """(train, test): per tag, distinct prompts; a seeded `test_fraction` (at least 2) is test."""
     rng = np.random.default_rng(seed)
     train, test = {}, {}
     for tag in TAGS:
         prompts = all_prompts(tag)
-        order = rng.permutation(len(prompts))
         n_test = min(TEST_LINES_PER_TAG, max(2, round(test_fraction * len(prompts))))
-        test[tag] = [prompts[i] for i in order[:n_test]]
-        train[tag] = [prompts[i] for i in order[n_test:]]
+        held_out = _spread(prompts, rng.permutation(len(prompts)), n_test)
+        test[tag] = [prompts[i] for i in held_out]
+        train[tag] = [p for i, p in enumerate(prompts) if i not in set(held_out)]
     return train, test
 
 
 def balanced_lines(by_tag: dict, lines_per_tag: int, seed: int) -> list[dict]:
-    """`lines_per_tag` lines of every tag (cycling through its prompts), in a seeded order."""
-    lines = [p for tag in TAGS for p in itertools.islice(itertools.cycle(by_tag[tag]), lines_per_tag)]
-    order = np.random.default_rng(seed).permutation(len(lines))
-    return [lines[i] for i in order]
+    """`lines_per_tag` lines of every tag, cycling through its prompts in a seeded order (so a
+    cap below a tag's size still samples it evenly), then all lines shuffled."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for tag in TAGS:
+        shuffled = [by_tag[tag][i] for i in rng.permutation(len(by_tag[tag]))]
+        lines += itertools.islice(itertools.cycle(shuffled), lines_per_tag)
+    return [lines[i] for i in rng.permutation(len(lines))]
 
 
 def write_jsonl(path, prompts) -> None:
