@@ -1,0 +1,226 @@
+"""One GRPO optimizer update as a pure, jitted, sharded function.
+
+The update rescores the rollout's stored transitions with the current policy (the same
+`score_step` the rollout used, CFG with gradients through both branches), builds the GRPO loss
+of `loss.py` per (micro-batch, timestep), averages the gradients over all of them with an
+explicit `lax.scan` (what the reference's gradient accumulation computes, exactly), clips them
+to a global norm, applies AdamW and updates an EMA of the trained params.
+
+Parameters enter as two NNX states: `trainable` (what the optimizer updates) and `frozen`
+(the rest). The velocity model is `velocity_fn((trainable, frozen), x, t, text)`; `nnx_velocity`
+builds one from an NNX graphdef. The reference policy for the KL term is
+- with LoRA: the same weights with the LoRA zeroed (`lora.disabled`); pass `reference=None`;
+- with full fine-tuning: a frozen copy of the initial trainable params, passed as `reference`
+  (it costs a second copy of the weights, which LoRA avoids).
+"""
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flowgrpo_jax import parallel
+from flowgrpo_jax.grpo.loss import grpo_loss
+from flowgrpo_jax.models.lora import disabled
+from flowgrpo_jax.sampling.rollout import score_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    sigma_max: float  # the schedule's sigmas[1] (the SDE's stand-in for sigma == 1)
+    num_train_steps: int  # train the first n stored steps of each trajectory
+    micro_batch_size: int  # global samples per forward/backward
+    kind: str = "sde"
+    noise_level: float = 0.7
+    guidance_scale: float = 4.5
+    clip_range: float = 1e-4
+    beta: float = 0.04
+    ema_max_decay: float = 0.9
+    remat: bool = False
+
+
+class TrainBatch(NamedTuple):
+    """One optimizer update's share of an epoch's rollouts; B samples, T stored steps."""
+
+    latents: jax.Array  # (B, T, H, W, C) step inputs
+    next_latents: jax.Array  # (B, T, H, W, C) the sampled step outputs
+    log_probs: jax.Array  # (B, T) log-probs at sampling time
+    sigmas: jax.Array  # (B, T)
+    next_sigmas: jax.Array  # (B, T)
+    advantages: jax.Array  # (B,)
+    text: Any  # pytree of (B, ...) prompt embeddings
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # optimizer updates done
+    params: Any  # trainable NNX state
+    opt_state: Any
+    ema_params: Any
+
+
+def num_train_timesteps(num_steps: int, fraction: float) -> int:
+    """Trained steps per trajectory: the first int(num_steps * fraction) (0.99 of 10 -> 9)."""
+    count = int(num_steps * fraction)
+    if not 1 <= count <= num_steps:
+        raise ValueError(f"timestep_fraction {fraction} of {num_steps} steps trains {count} steps")
+    return count
+
+
+def make_optimizer(learning_rate=3e-4, b1=0.9, b2=0.999, weight_decay=1e-4, eps=1e-8,
+                   max_grad_norm=1.0) -> optax.GradientTransformation:
+    """AdamW (decoupled decay, as torch.optim.AdamW) after global-norm gradient clipping."""
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
+
+
+def split_model(model: nnx.Module, *, lora: bool):
+    """(graphdef, trainable, frozen): the LoRA params, or every param for full fine-tuning."""
+    return nnx.split(model, nnx.LoRAParam if lora else nnx.Param, ...)
+
+
+def nnx_velocity(graphdef, apply: Callable) -> Callable:
+    """velocity_fn((trainable, frozen), x, t, text) = apply(model, x, t, text) on the merged model."""
+
+    def velocity(params, x, t, text):
+        return apply(nnx.merge(graphdef, *params), x, t, text)
+
+    return velocity
+
+
+def init_train_state(params, optimizer) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+    )
+
+
+def ema_decay(updates_done, max_decay):
+    """min((1 + n) / (10 + n), max_decay): a short memory early, then the fixed decay."""
+    n = updates_done.astype(jnp.float32)
+    return jnp.minimum((1.0 + n) / (10.0 + n), max_decay)
+
+
+def _micro_batches(batch: TrainBatch, micro_batch_size: int, mesh, rules):
+    """(B, ...) -> (B / m, m, ...); micro-batch i takes samples i, i + B/m, ... so that each one
+    stays split over all devices the way the full batch is."""
+    size = batch.advantages.shape[0]
+    count = size // micro_batch_size
+
+    sharding = NamedSharding(mesh, PartitionSpec(None, *parallel.batch_sharding(mesh, rules).spec))
+
+    def split(a):
+        a = jnp.swapaxes(a.reshape((micro_batch_size, count) + a.shape[1:]), 0, 1)
+        return jax.lax.with_sharding_constraint(a, sharding)
+
+    return jax.tree.map(split, batch)
+
+
+def _step_major(batch: TrainBatch, num_train_steps: int) -> TrainBatch:
+    """Moves the trained steps' time axis first: (m, T, ...) -> (n, m, ...)."""
+    per_step = lambda a: jnp.swapaxes(a[:, :num_train_steps], 0, 1)
+    return batch._replace(
+        latents=per_step(batch.latents), next_latents=per_step(batch.next_latents),
+        log_probs=per_step(batch.log_probs), sigmas=per_step(batch.sigmas),
+        next_sigmas=per_step(batch.next_sigmas),
+    )
+
+
+def _check_batch(batch: TrainBatch, config: StepConfig, mesh, rules):
+    size, steps = batch.log_probs.shape
+    if size % config.micro_batch_size:
+        raise ValueError(f"batch of {size} samples is not a multiple of micro_batch_size "
+                         f"{config.micro_batch_size}")
+    shards = parallel.batch_shard_count(mesh, rules)
+    if config.micro_batch_size % shards:
+        raise ValueError(f"micro_batch_size {config.micro_batch_size} must be a multiple of the "
+                         f"{shards} devices the batch is split over")
+    if config.num_train_steps > steps:
+        raise ValueError(f"num_train_steps {config.num_train_steps} exceeds the {steps} stored steps")
+
+
+def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformation,
+                    config: StepConfig, mesh, *, state: TrainState, frozen, reference=None,
+                    rules=parallel.DEFAULT_RULES):
+    """Returns step(state, frozen, reference, batch, uncond_text) -> (state, metrics), jitted
+    over `mesh` with the state donated. `state`, `frozen` and `reference` (real or abstract)
+    give the shapes and logical names the shardings come from. `uncond_text` (the negative
+    prompt's embeddings, batch 1) turns CFG on; None trains without CFG."""
+    if config.beta < 0 or config.clip_range <= 0:
+        raise ValueError(f"need beta >= 0 and clip_range > 0, got {config.beta}, {config.clip_range}")
+
+    def step_loss(trainable, frozen, ref_trainable, transition, advantages, text, uncond_text):
+        x, x_next, old_log_prob, sigma, sigma_next = transition
+        score = lambda params: score_step(
+            velocity_fn, params, x, x_next, sigma, sigma_next, text, kind=config.kind,
+            noise_level=config.noise_level, sigma_max=config.sigma_max,
+            guidance_scale=config.guidance_scale, uncond_text=uncond_text)
+        out = score((trainable, frozen))
+        ref_mean = None
+        if config.beta > 0:
+            ref_mean = jax.lax.stop_gradient(score((ref_trainable, frozen)).mean)
+        return grpo_loss(out.log_prob, old_log_prob, advantages, out.mean, ref_mean, out.std,
+                         clip_range=config.clip_range, beta=config.beta)
+
+    if config.remat:
+        step_loss = jax.checkpoint(step_loss)
+    grad_fn = jax.grad(step_loss, has_aux=True)
+
+    def train_step(state: TrainState, frozen, reference, batch: TrainBatch, uncond_text):
+        _check_batch(batch, config, mesh, rules)
+        ref_trainable = disabled(state.params) if reference is None else reference
+
+        def transitions(micro):
+            steps = _step_major(micro, config.num_train_steps)
+            return (steps.latents, steps.next_latents, steps.log_probs, steps.sigmas,
+                    steps.next_sigmas)
+
+        def grads_and_stats(micro, transition):
+            return grad_fn(state.params, frozen, ref_trainable, transition, micro.advantages,
+                           micro.text, uncond_text)
+
+        def micro_step(carry, micro):
+            def timestep(carry, transition):
+                return jax.tree.map(jnp.add, carry, grads_and_stats(micro, transition)), None
+
+            carry, _ = jax.lax.scan(timestep, carry, transitions(micro))
+            return carry, None
+
+        micro = _micro_batches(batch, config.micro_batch_size, mesh, rules)
+        first = jax.tree.map(lambda a: a[0], micro)
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(grads_and_stats, first, jax.tree.map(lambda a: a[0], transitions(first))),
+        )
+        (grad_sum, stat_sum), _ = jax.lax.scan(micro_step, zeros, micro)
+        count = micro.advantages.shape[0] * config.num_train_steps
+        grads = jax.tree.map(lambda g: g / count, grad_sum)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay(state.step + 1, config.ema_max_decay)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        metrics = {k: v / count for k, v in stat_sum.items()}
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["ema_decay"] = decay
+        new_state = TrainState(state.step + 1, params, opt_state, ema_params)
+        return new_state, metrics
+
+    state_sh = parallel.state_shardings(state, mesh, rules)
+    frozen_sh = parallel.state_shardings(frozen, mesh, rules)
+    ref_sh = None if reference is None else parallel.state_shardings(reference, mesh, rules)
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sh, frozen_sh, ref_sh, parallel.batch_sharding(mesh, rules), replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
+

@@ -1,0 +1,100 @@
+"""The device mesh and the rules that place parameters and batches on it.
+
+Parameters carry logical axis names ("embed", "mlp", "heads", ...; see the model files); a
+rule table maps each name to mesh axes, so data parallelism, FSDP or a mix is a config change:
+the default shards "embed" over `fsdp` and replicates every other parameter dim, and splits
+the batch over both axes. A dim whose size the mesh axes do not divide stays replicated.
+"""
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+DATA, FSDP = "data", "fsdp"
+BATCH = "batch"
+DEFAULT_RULES = ((BATCH, (DATA, FSDP)), ("embed", FSDP))
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all); one axis may be -1 to take the rest."""
+    devices = jax.devices() if devices is None else list(devices)
+    count = len(devices)
+    if data == -1 and fsdp == -1:
+        raise ValueError("only one of mesh data / fsdp may be -1")
+    if data == -1:
+        data = count // fsdp if fsdp > 0 and count % fsdp == 0 else 0
+    elif fsdp == -1:
+        fsdp = count // data if data > 0 and count % data == 0 else 0
+    if data < 1 or fsdp < 1 or data * fsdp != count:
+        raise ValueError(
+            f"mesh data x fsdp must use all {count} devices exactly, got data={data} fsdp={fsdp}"
+        )
+    device_grid = np.asarray(devices).reshape(data, fsdp)
+    return jax.sharding.Mesh(device_grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _mesh_axes_of(name, rules):
+    for logical, mesh_axes in rules:
+        if logical == name:
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    return ()
+
+
+def mesh_spec(logical_spec, shape, mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+    """Mesh PartitionSpec for an array of `shape` whose dims have logical names `logical_spec`.
+
+    A dim stays replicated when no rule names it, when its size is not divisible by the
+    product of its mesh axes, or when an earlier dim already uses one of those axes.
+    """
+    used = set()
+    dims = []
+    for size, name in zip(shape, tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec))):
+        axes = _mesh_axes_of(name, rules) if name is not None else ()
+        if axes and not used.intersection(axes) and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            dims.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            dims.append(None)
+    return PartitionSpec(*dims)
+
+
+def state_shardings(state, mesh, rules=DEFAULT_RULES):
+    """NamedShardings, in the structure of the NNX `state`, from its logical partition specs."""
+    specs = nnx.get_partition_spec(state)
+    return jax.tree.map(
+        lambda x, spec: NamedSharding(mesh, mesh_spec(spec, x.shape, mesh, rules)),
+        state, specs, is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def batch_shard_count(mesh, rules=DEFAULT_RULES) -> int:
+    """Into how many parts the batch dim is split."""
+    return math.prod(mesh.shape[a] for a in _mesh_axes_of(BATCH, rules))
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of arrays whose leading dim is the batch (other dims replicated)."""
+    axes = _mesh_axes_of(BATCH, rules)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(batch, mesh, rules=DEFAULT_RULES):
+    """Places every leaf of `batch` (leading dim = batch) split over the batch mesh axes."""
+    sharding = batch_sharding(mesh, rules)
+    ways = batch_shard_count(mesh, rules)
+
+    def put(path, leaf):
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] % ways:
+            raise ValueError(
+                f"batch leaf {jax.tree_util.keystr(path)} of shape {np.shape(leaf)} cannot be "
+                f"split over {ways} devices: its leading dim must be a multiple of {ways}"
+            )
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree_util.tree_map_with_path(put, batch)

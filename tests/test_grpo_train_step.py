@@ -1,0 +1,216 @@
+"""The sharded GRPO train step on a tiny velocity model with MMDiT-like projection names.
+
+Run as a script (tests/test_parallel.py does, with 8 fake CPU devices) it compares one update
+on meshes 2x4, 4x2 and 8x1 with the same update on one device.
+"""
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flowgrpo_jax import parallel
+from flowgrpo_jax.grpo import train_step as ts
+from flowgrpo_jax.models.attention import attention
+from flowgrpo_jax.models.lora import apply_lora
+from flowgrpo_jax.sampling.rollout import rollout
+from flowgrpo_jax.sampling.schedule import flow_match_schedule
+
+CHANNELS, WIDTH, HEADS, TEXT_DIM, TEXT_LEN, SIZE = 4, 16, 2, 6, 3, 4
+SIGMAS = flow_match_schedule(3)[0]
+
+
+def _linear(din, dout, names, rngs):
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), names, eager_sharding=False)
+    return nnx.Linear(din, dout, kernel_init=init, rngs=rngs)
+
+
+class JointAttention(nnx.Module):
+    def __init__(self, rngs):
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            setattr(self, name, _linear(WIDTH, WIDTH, ("embed", "heads"), rngs))
+        self.to_out = nnx.List([_linear(WIDTH, WIDTH, ("heads", "embed"), rngs)])
+        self.to_add_out = _linear(WIDTH, WIDTH, ("heads", "embed"), rngs)
+
+    def __call__(self, x, c):
+        heads = lambda a: a.reshape(a.shape[:2] + (HEADS, WIDTH // HEADS))
+        q = jnp.concatenate([self.add_q_proj(c), self.to_q(x)], axis=1)
+        k = jnp.concatenate([self.add_k_proj(c), self.to_k(x)], axis=1)
+        v = jnp.concatenate([self.add_v_proj(c), self.to_v(x)], axis=1)
+        out = attention(heads(q), heads(k), heads(v)).reshape(q.shape)
+        return self.to_out[0](out[:, c.shape[1]:]), self.to_add_out(out[:, : c.shape[1]])
+
+
+class TinyVelocity(nnx.Module):
+    """Image tokens attend jointly with text tokens; time and pooled text modulate the input."""
+
+    def __init__(self, rngs):
+        self.proj_in = _linear(CHANNELS, WIDTH, (None, "embed"), rngs)
+        self.time_proj = _linear(8, WIDTH, (None, "embed"), rngs)
+        self.context_proj = _linear(TEXT_DIM, WIDTH, (None, "embed"), rngs)
+        self.pooled_proj = _linear(TEXT_DIM, WIDTH, (None, "embed"), rngs)
+        self.attn = JointAttention(rngs)
+        self.proj_out = _linear(WIDTH, CHANNELS, ("embed", None), rngs)
+
+    def __call__(self, x, t, text):
+        embeds, pooled = text
+        b, h, w, _ = x.shape
+        freqs = jnp.exp(-jnp.arange(4) * 2.0)
+        angles = t[:, None] / 1000.0 * 10.0 * freqs
+        cond = self.time_proj(jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1))
+        cond = cond + self.pooled_proj(pooled)
+        tokens = self.proj_in(x.reshape(b, h * w, CHANNELS)) + cond[:, None]
+        out, context = self.attn(jnp.tanh(tokens), self.context_proj(embeds))
+        return self.proj_out(out + tokens + context.mean(axis=1, keepdims=True)).reshape(x.shape)
+
+
+def _apply(model, x, t, text):
+    return model(x, t, text)
+
+
+@functools.lru_cache(maxsize=None)
+def _model():
+    """The tiny model with LoRA, split for training; one velocity function object for all tests
+    so that the jitted rollout compiles once."""
+    model = TinyVelocity(nnx.Rngs(0))
+    apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    graphdef, lora, frozen = ts.split_model(model, lora=True)
+    return ts.nnx_velocity(graphdef, _apply), lora, frozen
+
+
+@functools.lru_cache(maxsize=None)
+def _data(lora_b_scale=0.02, logp_offset=2e-4, batch_size=16, kind="sde"):
+    """LoRA params and a rollout batch with advantages. lora_b_scale > 0 stands for a LoRA that
+    has trained a little (KL and all grads nonzero); logp_offset moves the old log-probs a little
+    off the current policy, so some ratios leave the clip range."""
+    velocity, lora, frozen = _model()
+    if lora_b_scale:
+        keys = iter(jax.random.split(jax.random.key(5), 64))
+        lora = jax.tree.map(lambda p: p + lora_b_scale * jax.random.normal(next(keys), p.shape), lora)
+    k_text, k_pool, k_noise, k_roll, k_adv, k_lp = jax.random.split(jax.random.key(11), 6)
+    text = (jax.random.normal(k_text, (batch_size, TEXT_LEN, TEXT_DIM)),
+            jax.random.normal(k_pool, (batch_size, TEXT_DIM)))
+    uncond = (jnp.zeros((1, TEXT_LEN, TEXT_DIM)), jnp.zeros((1, TEXT_DIM)))
+    noise = jax.random.normal(k_noise, (batch_size, SIZE, SIZE, CHANNELS))
+    roll = rollout(velocity, (lora, frozen), noise, text, SIGMAS, key=k_roll, kind=kind,
+                   noise_level=0.7, guidance_scale=4.5, uncond_text=uncond)
+    old_log_probs = roll.log_probs + logp_offset * jax.random.normal(k_lp, roll.log_probs.shape)
+    batch = ts.TrainBatch(roll.latents, roll.next_latents, old_log_probs, roll.sigmas,
+                          roll.next_sigmas, jax.random.normal(k_adv, (batch_size,)), text)
+    return lora, batch, uncond
+
+
+_STEPS = {}
+
+
+def _run_steps(mesh, num_updates=2, lora_b_scale=0.02, logp_offset=2e-4, **config_overrides):
+    velocity, _, frozen = _model()
+    lora, batch, uncond = _data(lora_b_scale, logp_offset)
+    settings = dict(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
+    config = ts.StepConfig(**{**settings, **config_overrides})
+    optimizer = ts.make_optimizer()
+    # a copy: the step donates its state, and the cached params must survive for other tests
+    state = ts.init_train_state(jax.tree.map(jnp.array, lora), optimizer)
+    key = (config, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
+    if key not in _STEPS:
+        _STEPS[key] = ts.make_train_step(velocity, optimizer, config, mesh, state=state, frozen=frozen)
+    state = jax.device_put(state, parallel.state_shardings(state, mesh))
+    frozen = jax.device_put(frozen, parallel.state_shardings(frozen, mesh))
+    batch = parallel.shard_batch(batch, mesh)
+    history = []
+    for _ in range(num_updates):
+        state, metrics = _STEPS[key](state, frozen, None, batch, uncond)
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def _max_abs_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def compare_meshes():
+    """One-device result vs (data, fsdp) = (2, 4), (4, 2), (8, 1); printed and asserted."""
+    devices = jax.devices()
+    assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}"
+    ref_state, ref_metrics = _run_steps(parallel.make_mesh(devices=devices[:1]))
+    ref_state = jax.device_get(ref_state)
+    moved = _max_abs_diff(ref_state.params, _data()[0])
+    assert moved > 1e-5, f"the update did not change the params ({moved})"
+    for data, fsdp in [(2, 4), (4, 2), (8, 1)]:
+        state, metrics = _run_steps(parallel.make_mesh(data=data, fsdp=fsdp, devices=devices))
+        # the params stay sharded as the rules say: lora_a of to_q is ("embed", None)
+        spec = state.params["attn"]["to_q"]["lora_a"].get_value().sharding.spec
+        assert tuple(spec) == ("fsdp", None), spec
+        state = jax.device_get(state)
+        diff_params = _max_abs_diff(state.params, ref_state.params)
+        diff_ema = _max_abs_diff(state.ema_params, ref_state.ema_params)
+        diff_opt = _max_abs_diff(state.opt_state, ref_state.opt_state)
+        print(f"mesh {data}x{fsdp}: max|params diff| {diff_params:.2e}  ema {diff_ema:.2e}  "
+              f"opt {diff_opt:.2e}  (update size {moved:.2e})")
+        for tree_diff in (diff_params, diff_ema):
+            assert tree_diff < 1e-6, f"mesh {data}x{fsdp} differs from one device by {tree_diff}"
+        assert diff_opt < 1e-5
+        for ref, got in zip(ref_metrics, metrics):
+            for name in ref:
+                np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_micro_batching_does_not_change_the_update():
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    whole, _ = _run_steps(mesh, num_updates=1, micro_batch_size=16)
+    halves, _ = _run_steps(mesh, num_updates=1, micro_batch_size=8)
+    assert _max_abs_diff(whole.params, halves.params) < 1e-6
+
+
+def test_zero_lora_has_zero_kl_and_metrics_are_sane():
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    state, (metrics,) = _run_steps(mesh, num_updates=1, lora_b_scale=0.0)
+    assert float(metrics["kl"]) == 0.0
+    assert 0.0 < float(metrics["clipfrac"]) < 1.0
+    assert float(metrics["grad_norm"]) > 0.0
+    assert int(state.step) == 1
+    # EMA after the first update: decay (1 + 1) / (10 + 1)
+    np.testing.assert_allclose(metrics["ema_decay"], 2 / 11, rtol=1e-6)
+
+
+def test_updates_lower_the_loss_on_a_fixed_batch():
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    _, history = _run_steps(mesh, num_updates=6, beta=0.0, clip_range=0.2)
+    losses = [float(m["policy_loss"]) for m in history]
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+def test_full_fine_tuning_with_a_frozen_reference_copy():
+    graphdef, params, rest = ts.split_model(TinyVelocity(nnx.Rngs(0)), lora=False)
+    assert not jax.tree.leaves(rest)  # every weight trains
+    velocity = ts.nnx_velocity(graphdef, _apply)
+    _, batch, uncond = _data()
+    config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
+    optimizer = ts.make_optimizer()
+    reference = jax.tree.map(jnp.array, params)
+    state = ts.init_train_state(params, optimizer)
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    step = ts.make_train_step(velocity, optimizer, config, mesh, state=state, frozen=rest,
+                              reference=reference)
+    state, first = step(state, rest, reference, batch, uncond)
+    state, second = step(state, rest, reference, batch, uncond)
+    assert float(first["kl"]) == 0.0  # the policy still equals its reference copy
+    assert float(second["kl"]) > 0.0
+    changed = [float(jnp.max(jnp.abs(a - b))) > 0
+               for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference))]
+    assert all(changed)
+
+
+def test_bad_batch_layout_is_named():
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _run_steps(mesh, num_updates=1, micro_batch_size=5)
+    with pytest.raises(ValueError, match="timestep_fraction"):
+        ts.num_train_timesteps(10, 0.05)
+    assert ts.num_train_timesteps(10, 0.99) == 9
+
+
+if __name__ == "__main__":
+    compare_meshes()
