@@ -323,6 +323,14 @@ def _run_block(block: JointTransformerBlock, x, context, temb):
     return block(x, context, temb)
 
 
+def _run_block_remat(block: JointTransformerBlock, x, context, temb):
+    """`_run_block` with its activations recomputed in the backward pass. A pure function of
+    the block's state under jax.checkpoint: blocks mutate nothing, and unlike nnx.remat this
+    also works when the parameters are closed over rather than traced."""
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda s, *args: nnx.merge(graphdef, s)(*args))(state, x, context, temb)
+
+
 def _unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
     """(B, N, p*p*C) patch tokens -> (B, H, W, C), the NHWC form of diffusers' unpatchify."""
     batch, gh, gw = tokens.shape[0], height // patch, width // patch
@@ -364,7 +372,7 @@ class MMDiT(nnx.Module):
         hidden = self.pos_embed(x)
         temb = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        run_block = nnx.remat(_run_block) if config.remat else _run_block
+        run_block = _run_block_remat if config.remat else _run_block
         for block in self.transformer_blocks:
             hidden, context = run_block(block, hidden, context, temb)
         scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: scale first
