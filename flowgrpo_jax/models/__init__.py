@@ -1,5 +1,10 @@
 """Flax NNX ports of the SD3 / SD3.5 components, and loading them from converted folders."""
+import json
+import os
+from typing import NamedTuple
+
 import jax.numpy as jnp
+from flax import nnx
 
 from flowgrpo_jax.models.components import load_component
 
@@ -13,3 +18,101 @@ def load_transformer(path: str, dtype=jnp.float32, compute_dtype=None, shardings
     diffusers 0..1000 scale; it returns the velocity in NHWC.
     """
     return load_component(path, "transformer", "transformer", dtype, compute_dtype, shardings)
+
+
+class SchedulerConfig(NamedTuple):
+    """The flow-match schedule's settings, from the pipeline's scheduler/scheduler_config.json."""
+
+    shift: float
+    num_train_timesteps: int
+
+
+class SD3Pipeline(NamedTuple):
+    """Everything needed to sample from a converted SD3 / SD3.5 pipeline folder.
+
+    Names follow diffusers' StableDiffusion3Pipeline. text_encoder_3 and tokenizer_3 (T5) are
+    None when the folder has none; prompts are then encoded with zeros in place of T5's states.
+    """
+
+    transformer: nnx.Module
+    vae: nnx.Module
+    text_encoder: nnx.Module  # CLIP-L/14 with projection
+    text_encoder_2: nnx.Module  # CLIP-G/14 with projection
+    text_encoder_3: nnx.Module | None  # T5-XXL encoder
+    tokenizer: object  # transformers tokenizers
+    tokenizer_2: object
+    tokenizer_3: object | None
+    scheduler: SchedulerConfig
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+# Tokenizer classes loaded by name from model_index.json; named classes (not AutoTokenizer,
+# which imports torch) keep the library torch-free.
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+             "scheduler")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_tokenizer(folder: str, class_name: str):
+    import transformers  # only here: the rest of the library does not need it
+
+    if class_name not in TOKENIZER_CLASSES:
+        raise ValueError(f"{folder}: tokenizer class {class_name!r} not supported; "
+                         f"expected one of {TOKENIZER_CLASSES}")
+    return getattr(transformers, class_name).from_pretrained(folder)
+
+
+def _load_scheduler(folder: str) -> SchedulerConfig:
+    config = _read_json(os.path.join(folder, "scheduler_config.json"))
+    if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"{folder}: scheduler {config.get('_class_name')!r} not supported; "
+                         f"only FlowMatchEulerDiscreteScheduler")
+    if config.get("use_dynamic_shifting"):
+        raise ValueError(f"{folder}: use_dynamic_shifting (resolution-dependent shift) not supported")
+    return SchedulerConfig(float(config.get("shift", 1.0)),
+                           int(config.get("num_train_timesteps", 1000)))
+
+
+def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None) -> SD3Pipeline:
+    """Loads a pipeline folder converted with tools/convert_weights.py.
+
+    Every model's parameters are cast to `dtype`, activations run in `compute_dtype` (default
+    `dtype`). Raises FileNotFoundError / ValueError (ComponentLoadError) naming what is missing.
+    """
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.exists(index_path):
+        raise FileNotFoundError(f"{path}: not a converted pipeline folder (no model_index.json); "
+                                f"convert a diffusers download with tools/convert_weights.py")
+    index = {name: spec for name, spec in _read_json(index_path).items()
+             if not name.startswith("_") and isinstance(spec, list) and spec[1] is not None}
+    missing = [name for name in _REQUIRED if name not in index]
+    if missing:
+        raise ValueError(f"{path}: model_index.json lacks {missing}, needed for SD3 sampling")
+    if ("text_encoder_3" in index) != ("tokenizer_3" in index):
+        raise ValueError(f"{path}: text_encoder_3 and tokenizer_3 must be present together")
+
+    def model(name, kind):
+        return load_component(path, kind, name, dtype, compute_dtype)
+
+    def tokenizer(name):
+        return _load_tokenizer(os.path.join(path, name), index[name][1])
+
+    has_t5 = "text_encoder_3" in index
+    return SD3Pipeline(
+        transformer=model("transformer", "transformer"),
+        vae=model("vae", "vae"),
+        text_encoder=model("text_encoder", "clip_text"),
+        text_encoder_2=model("text_encoder_2", "clip_text"),
+        text_encoder_3=model("text_encoder_3", "t5_encoder") if has_t5 else None,
+        tokenizer=tokenizer("tokenizer"),
+        tokenizer_2=tokenizer("tokenizer_2"),
+        tokenizer_3=tokenizer("tokenizer_3") if has_t5 else None,
+        scheduler=_load_scheduler(os.path.join(path, "scheduler")))
