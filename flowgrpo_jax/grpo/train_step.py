@@ -79,9 +79,10 @@ def make_optimizer(learning_rate=3e-4, b1=0.9, b2=0.999, weight_decay=1e-4, eps=
     )
 
 
-def split_model(model: nnx.Module, *, lora: bool):
-    """(graphdef, trainable, frozen): the LoRA params, or every param for full fine-tuning."""
-    return nnx.split(model, nnx.LoRAParam if lora else nnx.Param, ...)
+def split_model(model: nnx.Module, *, lora: bool, params=nnx.Param):
+    """(graphdef, trainable, frozen): the LoRA params, or for full fine-tuning the variables
+    `params` selects (the MMDiT's: nnx.All(nnx.Param, nnx.Not(mmdit.Buffer)))."""
+    return nnx.split(model, nnx.LoRAParam if lora else params, ...)
 
 
 def nnx_velocity(graphdef, apply: Callable) -> Callable:
