@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from flowgrpo_jax.models.lora import apply_lora, disabled
+from flowgrpo_jax.models.mmdit import MMDiT, MMDiTConfig
 
 WIDTH = 16
 JOINT_PROJECTIONS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -134,3 +135,35 @@ def test_bad_targets_and_rank_are_errors():
         apply_lora(TinyModel(nnx.Rngs(0)), rank=2, alpha=2, rngs=nnx.Rngs(1), targets=("nope",))
     with pytest.raises(ValueError, match="rank"):
         apply_lora(TinyModel(nnx.Rngs(0)), rank=0, alpha=2, rngs=nnx.Rngs(1))
+
+
+# A tiny SD3.5-style MMDiT: dual attention (attn2) in blocks 0 and 2, qk RMS norm, and the
+# context_pre_only last block (which has no to_add_out).
+MMDIT = MMDiTConfig(sample_size=8, patch_size=2, in_channels=4, num_layers=3,
+                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=6,
+                    caption_projection_dim=16, pooled_projection_dim=5, out_channels=4,
+                    pos_embed_max_size=4, dual_attention_layers=(0, 2), qk_norm="rms_norm")
+
+
+def _mmdit_inputs():
+    keys = jax.random.split(jax.random.key(3), 4)
+    return (jax.random.normal(keys[0], (2, 4, 6, 4)), jax.random.uniform(keys[1], (2,)) * 1000,
+            jax.random.normal(keys[2], (2, 5, 6)), jax.random.normal(keys[3], (2, 5)))
+
+
+def test_tiny_mmdit_lora_targets_zero_init_and_reference():
+    model = MMDiT(MMDIT, rngs=nnx.Rngs(0))
+    forward = nnx.jit(lambda m, inputs: m(*inputs))
+    base_out = forward(model, _mmdit_inputs())
+    paths = apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    expected = [f"transformer_blocks.{i}.attn.{name}" for i in range(3)
+                for name in JOINT_PROJECTIONS + ["to_out"] if not (i == 2 and name == "to_add_out")]
+    assert sorted(paths) == sorted(expected)
+    np.testing.assert_array_equal(forward(model, _mmdit_inputs()), base_out)
+
+    graphdef, lora_state, rest = nnx.split(model, nnx.LoRAParam, ...)
+    trained = jax.tree.map(lambda p: p + 0.05, lora_state)
+    policy_out = forward(nnx.merge(graphdef, trained, rest), _mmdit_inputs())
+    assert float(jnp.max(jnp.abs(policy_out - base_out))) > 1e-3
+    reference_out = forward(nnx.merge(graphdef, disabled(trained), rest), _mmdit_inputs())
+    np.testing.assert_array_equal(reference_out, base_out)
