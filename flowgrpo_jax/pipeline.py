@@ -153,16 +153,16 @@ def sample_latents(pipeline: SD3Pipeline, prompts, *, steps: int, guidance: floa
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} not one of {SAMPLERS}")
     prompts = _as_list(prompts, "prompts")
+    shape = _latent_shape(pipeline, height, width, latents)
+    if latents is not None and latents.shape[0] != len(prompts):
+        raise ValueError(f"{latents.shape[0]} initial latents for {len(prompts)} prompts")
     use_cfg = guidance > 1
     embeds, negative_embeds, pooled, negative_pooled = encode_prompt(
         pipeline, prompts, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
         do_classifier_free_guidance=use_cfg)
     latent_key, noise_key = jax.random.split(key)
-    shape = _latent_shape(pipeline, height, width, latents)
     if latents is None:
         latents = jax.random.normal(latent_key, (len(prompts), *shape), jnp.float32)
-    elif latents.shape[0] != len(prompts):
-        raise ValueError(f"{latents.shape[0]} initial latents for {len(prompts)} prompts")
     sigmas, _ = flow_match_schedule(steps, shift=pipeline.scheduler.shift,
                                     num_train_timesteps=pipeline.scheduler.num_train_timesteps)
     graphdef, state = nnx.split(pipeline.transformer)
