@@ -85,16 +85,25 @@ def replicated(mesh) -> NamedSharding:
 
 
 def shard_batch(batch, mesh, rules=DEFAULT_RULES):
-    """Places every leaf of `batch` (leading dim = batch) split over the batch mesh axes."""
+    """Every leaf of `batch` (leading dim = batch) as a global array split over the batch axes.
+
+    Device arrays are resharded as they are; host (numpy) leaves are this process's share of
+    the global batch (the whole batch with one process), as with several processes each feeds
+    its own samples.
+    """
     sharding = batch_sharding(mesh, rules)
     ways = batch_shard_count(mesh, rules)
 
     def put(path, leaf):
-        if np.ndim(leaf) == 0 or np.shape(leaf)[0] % ways:
+        on_host = not isinstance(leaf, jax.Array)
+        size = np.shape(leaf)[0] * (jax.process_count() if on_host else 1) if np.ndim(leaf) else 0
+        if size == 0 or size % ways:
             raise ValueError(
                 f"batch leaf {jax.tree_util.keystr(path)} of shape {np.shape(leaf)} cannot be "
-                f"split over {ways} devices: its leading dim must be a multiple of {ways}"
+                f"split over {ways} devices: its global leading dim must be a multiple of {ways}"
             )
+        if on_host:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
         return jax.device_put(leaf, sharding)
 
     return jax.tree_util.tree_map_with_path(put, batch)

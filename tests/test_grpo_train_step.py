@@ -73,12 +73,10 @@ def _run_steps(mesh, num_updates=2, lora_b_scale=0.02, logp_offset=2e-4, **confi
     settings = dict(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
     config = ts.StepConfig(**{**settings, **config_overrides})
     optimizer = ts.make_optimizer()
-    # a copy: the step donates its state, and the cached params must survive for other tests
-    state = ts.init_train_state(jax.tree.map(jnp.array, lora), optimizer)
+    state = ts.create_train_state(lora, optimizer, mesh)  # new buffers: `lora` survives donation
     key = (config, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
     if key not in _STEPS:
         _STEPS[key] = ts.make_train_step(velocity, optimizer, config, mesh, state=state, frozen=frozen)
-    state = jax.device_put(state, parallel.state_shardings(state, mesh))
     frozen = jax.device_put(frozen, parallel.state_shardings(frozen, mesh))
     batch = parallel.shard_batch(batch, mesh)
     history = []
@@ -153,9 +151,9 @@ def test_full_fine_tuning_with_a_frozen_reference_copy():
     _, batch, uncond = _data()
     config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
     optimizer = ts.make_optimizer()
-    reference = jax.tree.map(jnp.array, params)
-    state = ts.init_train_state(params, optimizer)
+    reference = params  # create_train_state copies it, so this stays the initial weights
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    state = ts.create_train_state(params, optimizer, mesh)
     step = ts.make_train_step(velocity, optimizer, config, mesh, state=state, frozen=rest,
                               reference=reference)
     state, first = step(state, rest, reference, batch, uncond)

@@ -82,9 +82,12 @@ def check_on_8_devices():
     assert placed["kernel"].get_value().sharding.shard_shape((8, 6)) == (2, 6)
     np.testing.assert_array_equal(placed["kernel"].get_value(), state["kernel"].get_value())
 
-    batch = {"x": jnp.arange(16 * 3.0).reshape(16, 3), "y": jnp.ones((16,))}
+    batch = {"x": jnp.arange(16 * 3.0).reshape(16, 3), "host": np.arange(16.0)}
     sharded = parallel.shard_batch(batch, mesh)
-    assert sharded["x"].sharding.shard_shape((16, 3)) == (2, 3)
+    for name, leaf in sharded.items():
+        assert leaf.sharding.spec == P(("data", "fsdp")), name
+        assert leaf.addressable_shards[3].data.shape[0] == 2, name
+        np.testing.assert_array_equal(leaf, batch[name])
     try:
         parallel.shard_batch({"odd": jnp.ones((12, 2))}, mesh)
         raise AssertionError("12 samples over 8 devices must fail")

@@ -14,6 +14,7 @@ builds one from an NNX graphdef. The reference policy for the KL term is
   (it costs a second copy of the weights, which LoRA avoids).
 """
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
@@ -101,6 +102,13 @@ def init_train_state(params, optimizer) -> TrainState:
         opt_state=optimizer.init(params),
         ema_params=jax.tree.map(jnp.copy, params),
     )
+
+
+def create_train_state(params, optimizer, mesh, rules=parallel.DEFAULT_RULES) -> TrainState:
+    """The initial state, built under jit directly into its shardings over `mesh`."""
+    init = functools.partial(init_train_state, optimizer=optimizer)
+    shardings = parallel.state_shardings(jax.eval_shape(init, params), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(params)
 
 
 def ema_decay(updates_done, max_decay):
