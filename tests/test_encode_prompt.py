@@ -4,6 +4,9 @@ A tiny random SD3 pipeline (both CLIPs, T5, tiny tokenizers built here with the 
 machinery, no Hub) is saved with save_pretrained, converted with the real converter and loaded
 with load_pipeline. `tiny_sd3_pipeline` is shared with test_pipeline.py.
 """
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +98,7 @@ def pipelines(tmp_path_factory):
     src, dst = tmp_path_factory.mktemp("diffusers"), tmp_path_factory.mktemp("flax")
     reference.save_pretrained(src)
     convert_folder(str(src), str(dst), log=lambda *_: None)
-    return reference, load_pipeline(str(dst))
+    return reference, load_pipeline(str(dst)), dst
 
 
 def reference_encode(reference, prompts, **kwargs):
@@ -117,7 +120,7 @@ def assert_matches(ours, expected):
 
 
 def test_tokens_are_padded_and_truncated_like_diffusers(pipelines):
-    reference, ours = pipelines
+    reference, ours, _ = pipelines
     tokens = tokenize(ours, PROMPTS, T5_LENGTH)
     assert tokens.clip_l.shape == tokens.clip_g.shape == (3, 77) and tokens.t5.shape == (3, T5_LENGTH)
     # CLIP-G pads with "!" and CLIP-L with EOS, so the two CLIP rows differ after the prompt.
@@ -132,7 +135,7 @@ def test_tokens_are_padded_and_truncated_like_diffusers(pipelines):
 
 
 def test_encode_prompt_matches_diffusers(pipelines):
-    reference, ours = pipelines
+    reference, ours, _ = pipelines
     expected = reference_encode(reference, PROMPTS)
     got = encode_prompt(ours, PROMPTS, max_sequence_length=T5_LENGTH)
     assert got[0].shape == (3, 77 + T5_LENGTH, 48) and got[2].shape == (3, 20)
@@ -140,7 +143,7 @@ def test_encode_prompt_matches_diffusers(pipelines):
 
 
 def test_negative_prompts_and_no_guidance(pipelines):
-    reference, ours = pipelines
+    reference, ours, _ = pipelines
     negatives = ["blurry", "a dog", ""]
     expected = reference_encode(reference, PROMPTS, negative_prompt=negatives)
     assert_matches(encode_prompt(ours, PROMPTS, negative_prompt=negatives,
@@ -152,12 +155,19 @@ def test_negative_prompts_and_no_guidance(pipelines):
         encode_prompt(ours, PROMPTS, negative_prompt=negatives[:2])
 
 
-def test_without_t5_the_t5_part_is_zeros_like_diffusers(pipelines):
-    reference, ours = pipelines
+def test_without_t5_the_t5_part_is_zeros_like_diffusers(pipelines, tmp_path):
+    reference, _, converted = pipelines
     components = dict(reference.components, text_encoder_3=None, tokenizer_3=None)
     without_t5 = StableDiffusion3Pipeline(**components)
     expected = reference_encode(without_t5, PROMPTS[:2])
-    got = encode_prompt(ours._replace(text_encoder_3=None, tokenizer_3=None), PROMPTS[:2],
-                        max_sequence_length=T5_LENGTH)
+    # a converted folder whose model_index.json lists no T5, as a user would trim it
+    folder = tmp_path / "no_t5"
+    shutil.copytree(converted, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(
+        {k: v for k, v in index.items() if k not in ("text_encoder_3", "tokenizer_3")}))
+    ours = load_pipeline(str(folder))
+    assert ours.text_encoder_3 is None and ours.tokenizer_3 is None
+    got = encode_prompt(ours, PROMPTS[:2], max_sequence_length=T5_LENGTH)
     assert not np.asarray(got[0][:, 77:]).any()
     assert_matches(got, expected)
