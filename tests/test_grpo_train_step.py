@@ -132,8 +132,18 @@ def test_zero_lora_has_zero_kl_and_metrics_are_sane():
     assert 0.0 < float(metrics["clipfrac"]) < 1.0
     assert float(metrics["grad_norm"]) > 0.0
     assert int(state.step) == 1
-    # EMA after the first update: decay (1 + 1) / (10 + 1)
+    # EMA after the first update: decay (1 + 1) / (10 + 1) towards the new params
     np.testing.assert_allclose(metrics["ema_decay"], 2 / 11, rtol=1e-6)
+    initial = _data(lora_b_scale=0.0)[0]
+    expected = jax.tree.map(lambda e, p: 2 / 11 * e + 9 / 11 * p, initial, state.params)
+    assert _max_abs_diff(state.ema_params, expected) < 1e-7
+
+
+def test_remat_gives_the_same_update():
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    plain, _ = _run_steps(mesh, num_updates=1)
+    remat, _ = _run_steps(mesh, num_updates=1, remat=True)
+    assert _max_abs_diff(plain.params, remat.params) < 1e-7
 
 
 def test_updates_lower_the_loss_on_a_fixed_batch():

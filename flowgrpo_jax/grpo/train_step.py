@@ -214,6 +214,7 @@ def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformati
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # n counts this update, as the reference steps its EMA after incrementing global_step
         decay = ema_decay(state.step + 1, config.ema_max_decay)
         ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
         metrics = {k: v / count for k, v in stat_sum.items()}
