@@ -68,3 +68,36 @@ def test_beta_without_reference_is_an_error():
     x = jnp.zeros(2)
     with pytest.raises(ValueError, match="ref_mean"):
         grpo_loss(x, x, x, x, None, x + 1, clip_range=0.1, beta=0.1)
+
+
+def test_matches_the_reference_pytorch_formulas():
+    """The reference's per-step loss (train_sd3.py), written out in torch on the same inputs."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    batch, clip_range, beta = 6, 1e-4, 0.04
+    log_prob = rng.normal(size=batch).astype(np.float32) * 3e-4
+    old = rng.normal(size=batch).astype(np.float32) * 3e-4
+    adv = rng.normal(size=batch).astype(np.float32) * 2
+    mean = rng.normal(size=(batch, 4, 4, 3)).astype(np.float32)  # NHWC here, NCHW in torch
+    ref_mean = mean + 0.1 * rng.normal(size=mean.shape).astype(np.float32)
+    std = rng.uniform(0.2, 1.5, size=batch).astype(np.float32)
+
+    t = lambda a: torch.from_numpy(a)
+    ratio = torch.exp(t(log_prob) - t(old))
+    unclipped = -t(adv) * ratio
+    clipped = -t(adv) * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy = torch.mean(torch.maximum(unclipped, clipped))
+    m, m_ref = t(mean).permute(0, 3, 1, 2), t(ref_mean).permute(0, 3, 1, 2)
+    std_dev_t = t(std).view(-1, 1, 1, 1)
+    kl = torch.mean(((m - m_ref) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t**2))
+    expected = {
+        "loss": policy + beta * kl, "policy_loss": policy, "kl": kl,
+        "approx_kl": 0.5 * torch.mean((t(log_prob) - t(old)) ** 2),
+        "clipfrac": torch.mean((torch.abs(ratio - 1.0) > clip_range).float()),
+    }
+    _, stats = grpo_loss(jnp.asarray(log_prob), jnp.asarray(old), jnp.asarray(adv),
+                         jnp.asarray(mean), jnp.asarray(ref_mean), jnp.asarray(std),
+                         clip_range=clip_range, beta=beta)
+    assert 0 < float(expected["clipfrac"]) < 1  # both clipped and unclipped samples
+    for name, value in expected.items():
+        np.testing.assert_allclose(stats[name], value.numpy(), rtol=1e-5, atol=1e-9, err_msg=name)
