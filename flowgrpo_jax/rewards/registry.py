@@ -24,6 +24,7 @@ _FACTORIES = {}
 # onnxruntime) happen inside the factories, so listing them costs nothing.
 _BUILTIN_MODULES = (
     "flowgrpo_jax.rewards.jpeg",
+    "flowgrpo_jax.rewards.brightness",
     "flowgrpo_jax.rewards.ocr",
     "flowgrpo_jax.rewards.pickscore",
     "flowgrpo_jax.rewards.clipscore",

@@ -1,0 +1,33 @@
+"""Flow-GRPO on SD3.5 Medium with the OCR reward (the paper's visual-text rendering run).
+
+    python -m flowgrpo_jax.train --config configs/sd35m_ocr.py --workdir runs/ocr \
+        --config.model.path=sd35m-flax --config.prompts.train_file=ocr/train.txt \
+        --config.prompts.test_file=ocr/test.txt
+
+Prompts are a text file, one per line, the text to render between double quotes. The reward
+server runs `ocr` (rapidocr-onnxruntime, offline). Should reach: OCR accuracy 0.59 (base) ->
+0.92 (paper). Hyperparameters as sd35m_geneval (beta 0.04).
+
+Variants: ":fast", ":fast_nocfg", ":tiny" (toy model and prompts on CPU; the reward is
+jpeg_compressibility, an offline stand-in: the toy model cannot draw text).
+"""
+from flowgrpo_jax import config as config_lib
+
+
+def get_config(variant: str = ""):
+    config = config_lib.defaults()
+    config.model = config_lib.sd35m_model()
+    config.prompts.format = "text"
+    config.prompts.train_file = "ocr/train.txt"
+    config.prompts.test_file = "ocr/test.txt"
+    config.reward.rewards = "ocr:1.0"
+    config.train.beta = 0.04
+    config.eval_every, config.save_every = 60, 60
+    config.num_epochs = 10000
+    if variant == "tiny":
+        return config_lib.tiny(config, rewards="jpeg_compressibility:1.0")
+    if variant in ("fast", "fast_nocfg"):
+        return config_lib.fast(config, cfg=variant == "fast")
+    if variant:
+        raise ValueError(f"unknown variant {variant!r} of sd35m_ocr; known: fast, fast_nocfg, tiny")
+    return config

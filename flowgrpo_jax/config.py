@@ -1,0 +1,266 @@
+"""The training config: every key with its default, and the checks a config must pass.
+
+Config files (`configs/*.py`) start from `defaults()` and change what their run needs; the
+trainer calls `validate(config, num_devices, num_processes)` before building anything, so a
+wrong value stops the run at once with an error naming the key and saying what to change.
+
+Batch sizes are GLOBAL (over all devices and processes): one epoch samples
+`sample.groups_per_epoch` prompts x `sample.group_size` images, in rollout chunks of
+`sample.batch_size` images; it is split into `train.updates_per_epoch` optimizer updates, each
+accumulating gradients over micro-batches of `train.micro_batch_size` images. Any device count
+works as long as it divides the chunk and micro-batch sizes.
+"""
+import os
+
+import ml_collections
+
+from flowgrpo_jax.models.lora import DEFAULT_TARGETS
+from flowgrpo_jax.toy.prompts import DATA_DIR
+
+
+class ConfigError(ValueError):
+    """A config key holds a value the trainer cannot use; the message names the key."""
+
+
+SAMPLER_KINDS = ("sde", "cps")
+PROMPT_FORMATS = ("geneval", "text")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Flow-GRPO's SD3.5-Medium defaults (DESIGN.md section 3), with global batch sizes."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_epochs = 100
+    c.eval_every = 10  # epochs; 0 = never
+    c.save_every = 10  # epochs; a checkpoint is also written at the end and on SIGTERM
+    c.log_every = 1  # epochs between image grids in TensorBoard
+
+    # Passed as is to generator.load_generator; family-specific keys live here.
+    c.model = ml_collections.ConfigDict({"family": "sd3"})
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = True  # False: full fine-tuning
+    c.lora.rank = 32
+    c.lora.alpha = 64.0
+    c.lora.targets = tuple(DEFAULT_TARGETS)  # regexes on dotted module paths
+
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.format = "geneval"  # "geneval": JSON lines with metadata; "text": one prompt a line
+    c.prompts.train_file = ""
+    c.prompts.test_file = ""
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.kind = "sde"  # "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    c.sample.noise_level = 0.7
+    c.sample.num_steps = 10
+    c.sample.eval_num_steps = 40
+    c.sample.guidance_scale = 4.5  # 1.0 turns CFG off (in rollouts and training)
+    c.sample.group_size = 24  # images per prompt
+    c.sample.groups_per_epoch = 48  # prompts per epoch
+    c.sample.batch_size = 64  # global images per rollout chunk
+    c.sample.eval_batch_size = 64  # global images per eval chunk
+    c.sample.num_eval_prompts = 0  # 0 = the whole test file
+    c.sample.same_latent = False  # a group shares its initial noise
+    c.sample.window_size = 0  # > 0: SDE only in a window of this many steps (Flow-GRPO-Fast)
+    c.sample.window_lo = 0  # the window starts uniformly in [window_lo, window_hi - window_size]
+    c.sample.window_hi = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.learning_rate = 3e-4
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    c.train.weight_decay = 1e-4
+    c.train.max_grad_norm = 1.0
+    c.train.updates_per_epoch = 2
+    c.train.micro_batch_size = 32  # global images per forward/backward
+    c.train.clip_range = 1e-4
+    c.train.beta = 0.04  # KL to the reference (LoRA off)
+    c.train.timestep_fraction = 0.99
+    c.train.adv_clip_max = 5.0
+    c.train.global_std = True  # advantage std over the epoch (False: per group)
+    c.train.drop_zero_std_groups = False
+    c.train.ema = True  # evaluate and export the EMA of the trained params
+    c.train.ema_max_decay = 0.9
+    c.train.remat = False
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.rewards = "toy_geneval:1.0"  # "name:weight,..." from the reward registry
+    c.reward.url = ""  # a running reward server; "" starts a local one per process
+    c.reward.options = ml_collections.ConfigDict()  # {"pickscore": {"model": "/path"}}
+    c.reward.plugins = ()  # modules or .py files registering more rewards
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: the devices left after fsdp
+    c.mesh.fsdp = 1
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.num_images = 16  # per image grid
+    c.logging.wandb = False
+    c.logging.wandb_project = "flowgrpo-jax"
+    return c
+
+
+def _fail(key: str, value, why: str):
+    raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def _check_known_keys(config, reference, prefix=""):
+    """Every key of `config` must exist in `defaults()` (model and reward options are free)."""
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if name in ("model", "reward.options"):
+            continue
+        if key not in reference:
+            raise ConfigError(f"config.{name} is not a known config key; known keys here: "
+                              f"{sorted(reference.keys())}")
+        value, default = config[key], reference[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                _fail(name, value, "must be a group of keys")
+            _check_known_keys(value, default, name + ".")
+        elif isinstance(default, bool) != isinstance(value, bool) or (
+                isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
+                isinstance(default, str) and not isinstance(value, str)) or (
+                isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float)):
+            _fail(name, value, f"must be of type {type(default).__name__}")
+
+
+def _positive(config, *keys):
+    for key in keys:
+        value = _get(config, key)
+        if not value > 0:
+            _fail(key, value, "must be > 0")
+
+
+def _get(config, key):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+    """Raises ConfigError naming the first key whose value cannot be used on `num_devices`
+    devices (global) in `num_processes` processes."""
+    _check_known_keys(config, defaults())
+    s, t = config.sample, config.train
+    if not isinstance(config.model.get("family"), str):
+        _fail("model.family", config.model.get("family"), "must name a model family")
+    if s.kind not in SAMPLER_KINDS:
+        _fail("sample.kind", s.kind, f"must be one of {SAMPLER_KINDS}")
+    if config.prompts.format not in PROMPT_FORMATS:
+        _fail("prompts.format", config.prompts.format, f"must be one of {PROMPT_FORMATS}")
+    if not config.prompts.train_file:
+        _fail("prompts.train_file", config.prompts.train_file, "a prompt file is needed")
+    _positive(config, "sample.noise_level", "sample.num_steps", "sample.eval_num_steps",
+              "sample.guidance_scale", "sample.groups_per_epoch", "sample.batch_size",
+              "sample.eval_batch_size", "train.learning_rate", "train.updates_per_epoch",
+              "train.micro_batch_size", "train.clip_range", "train.timestep_fraction",
+              "train.adv_clip_max", "train.max_grad_norm", "lora.rank", "lora.alpha",
+              "logging.num_images")
+    for key in ("num_epochs", "eval_every", "save_every", "log_every", "sample.num_eval_prompts",
+                "train.beta", "train.weight_decay", "seed"):
+        if _get(config, key) < 0:
+            _fail(key, _get(config, key), "must be >= 0")
+    if s.group_size < 2:
+        _fail("sample.group_size", s.group_size, "needs >= 2 images per prompt to compare them")
+    if s.kind == "cps" and not s.noise_level < 1:
+        _fail("sample.noise_level", s.noise_level, "CPS needs a noise level in (0, 1)")
+    if not 0 <= t.ema_max_decay < 1:
+        _fail("train.ema_max_decay", t.ema_max_decay, "must be in [0, 1)")
+    if t.timestep_fraction > 1:
+        _fail("train.timestep_fraction", t.timestep_fraction, "must be in (0, 1]")
+    for key in ("adam_b1", "adam_b2"):
+        if not 0 <= t[key] < 1:
+            _fail(f"train.{key}", t[key], "must be in [0, 1)")
+    steps = s.num_steps
+    if s.window_size:
+        if not (s.window_size >= 1 and 0 <= s.window_lo <= s.window_hi - s.window_size
+                and s.window_hi <= steps):
+            _fail("sample.window_size", s.window_size,
+                  f"the window needs 1 <= window_size and 0 <= window_lo ({s.window_lo}) <= "
+                  f"window_hi ({s.window_hi}) - window_size, window_hi <= num_steps ({steps})")
+        steps = s.window_size
+    if int(steps * t.timestep_fraction) < 1:
+        _fail("train.timestep_fraction", t.timestep_fraction, f"trains no step of {steps}")
+    if config.mesh.data != -1 and config.mesh.data < 1 or config.mesh.fsdp != -1 and config.mesh.fsdp < 1:
+        _fail("mesh", config.mesh.to_dict(), "axis sizes must be >= 1, or -1 for the rest")
+    _check_batch_sizes(config, num_devices, num_processes)
+
+
+def _check_batch_sizes(config, num_devices: int, num_processes: int) -> None:
+    s, t = config.sample, config.train
+    epoch = s.group_size * s.groups_per_epoch
+    if epoch % s.batch_size:
+        _fail("sample.batch_size", s.batch_size,
+              f"must divide the epoch's {epoch} images (group_size {s.group_size} x "
+              f"groups_per_epoch {s.groups_per_epoch}); e.g. {_divisors_hint(epoch, num_devices)}")
+    if epoch % t.updates_per_epoch:
+        _fail("train.updates_per_epoch", t.updates_per_epoch,
+              f"must divide the epoch's {epoch} images")
+    update = epoch // t.updates_per_epoch
+    if update % t.micro_batch_size:
+        _fail("train.micro_batch_size", t.micro_batch_size,
+              f"must divide the {update} images of one update (epoch {epoch} / "
+              f"updates_per_epoch {t.updates_per_epoch}); e.g. {_divisors_hint(update, num_devices)}")
+    ways = num_devices  # the batch is split over every device (mesh data x fsdp)
+    for key, value in (("sample.batch_size", s.batch_size),
+                       ("sample.eval_batch_size", s.eval_batch_size),
+                       ("train.micro_batch_size", t.micro_batch_size)):
+        if value % ways or value % num_processes:
+            _fail(key, value, f"is split over {num_devices} devices in {num_processes} "
+                              f"process(es), so it must be a multiple of {max(ways, num_processes)}")
+
+
+def _divisors_hint(total: int, multiple_of: int) -> str:
+    fits = [d for d in range(multiple_of, total + 1, multiple_of) if total % d == 0]
+    return f"one of {fits[:8]}" if fits else f"none fits {multiple_of} devices: change the epoch size"
+
+
+def sizes(config) -> dict:
+    """The derived counts the trainer uses (after validate)."""
+    s, t = config.sample, config.train
+    epoch = s.group_size * s.groups_per_epoch
+    return {"epoch": epoch, "chunks": epoch // s.batch_size, "update": epoch // t.updates_per_epoch}
+
+
+def tiny(config, rewards: str) -> ml_collections.ConfigDict:
+    """The CPU-sized variant of a config for tests: the toy model and world, 16 images an
+    epoch in chunks of 8, 4 sampling steps, a small LoRA, an offline reward `rewards`."""
+    config.model = ml_collections.ConfigDict({"family": "toy", "path": ""})
+    config.prompts.format = "geneval"
+    config.prompts.train_file = os.path.join(DATA_DIR, "train.jsonl")
+    config.prompts.test_file = os.path.join(DATA_DIR, "test.jsonl")
+    config.reward.rewards = rewards
+    config.reward.options = ml_collections.ConfigDict()
+    config.lora.rank, config.lora.alpha = 4, 8.0
+    s = config.sample
+    s.group_size, s.groups_per_epoch, s.batch_size = 4, 4, 8
+    s.num_steps, s.eval_num_steps = 4, 4
+    s.eval_batch_size, s.num_eval_prompts = 8, 8
+    if s.window_size:
+        s.window_size, s.window_lo, s.window_hi = 2, 0, 3
+    config.train.micro_batch_size = 8
+    config.num_epochs, config.eval_every, config.save_every = 2, 0, 1
+    config.logging.num_images = 8
+    return config
+
+
+def sd35m_model(path: str = "sd35m-flax") -> ml_collections.ConfigDict:
+    """SD3.5 Medium converted by tools/convert_weights.py, at 512 px in bf16."""
+    return ml_collections.ConfigDict({
+        "family": "sd3", "path": path, "resolution": 512, "dtype": "bfloat16",
+        "max_sequence_length": 128})
+
+
+def fast(config, *, cfg: bool = True) -> ml_collections.ConfigDict:
+    """Flow-GRPO-Fast: the SDE (CPS, noise 0.8) only in a 3-step window starting in steps 0-2,
+    every window step trained (the window never holds the last, peaked step), clip 1e-5, no
+    KL. cfg=False also drops classifier-free guidance (the reference's *_fast_nocfg)."""
+    s = config.sample
+    s.kind, s.noise_level = "cps", 0.8
+    s.window_size, s.window_lo, s.window_hi = 3, 0, s.num_steps // 2
+    config.train.clip_range, config.train.beta, config.train.timestep_fraction = 1e-5, 0.0, 1.0
+    if not cfg:
+        s.guidance_scale = 1.0
+    return config

@@ -1,0 +1,67 @@
+"""Training logs: TensorBoard scalars and image grids (tensorboardX), wandb when asked.
+
+Only process 0 writes; the other processes get a writer that does nothing, so the trainer
+calls it unconditionally.
+"""
+import math
+
+import numpy as np
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> one uint8 (rows*H, columns*W, 3) image; empty cells stay black."""
+    images = np.asarray(images)
+    count, height, width, channels = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = np.zeros((rows * height, columns * width, channels), np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
+    return grid
+
+
+class MetricWriter:
+    def __init__(self, logdir: str, *, enabled: bool = True, wandb_project: str | None = None,
+                 run_config: dict | None = None):
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(logdir)
+        if wandb_project:
+            import wandb  # optional dependency: only when logging.wandb is set
+
+            self._wandb = wandb.init(project=wandb_project, dir=logdir, config=run_config,
+                                     resume="allow")
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self._tb is None:
+            return
+        for name, value in values.items():
+            self._tb.add_scalar(name, float(value), step)
+        if self._wandb:
+            self._wandb.log({k: float(v) for k, v in values.items()}, step=step)
+        self._tb.flush()
+
+    def images(self, step: int, name: str, images: np.ndarray, captions=()) -> None:
+        if self._tb is None or len(images) == 0:
+            return
+        self._tb.add_image(name, image_grid(images), step, dataformats="HWC")
+        if captions:
+            self._tb.add_text(f"{name}/prompts", "  \n".join(
+                f"{i}: {c}" for i, c in enumerate(captions)), step)
+        if self._wandb:
+            import wandb
+
+            self._wandb.log({name: [wandb.Image(im, caption=c) for im, c in
+                                    zip(images, list(captions) or [""] * len(images))]}, step=step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()

@@ -1,0 +1,477 @@
+"""Flow-GRPO training: sample -> rewards -> advantages -> shuffled GRPO updates, epoch after epoch.
+
+    python -m flowgrpo_jax.train --config configs/sd35m_geneval.py[:variant] --workdir DIR \
+        [--config.key=value ...] [--allow_config_change]
+    # several processes: add --coordinator HOST:PORT --num_processes N --process_id I
+    # (or set JAX_COORDINATOR_ADDRESS etc.; jax.distributed.initialize reads them)
+
+One epoch:
+1. its prompts (a function of seed and epoch) x group_size samples; every process takes, in
+   every rollout chunk, the rows its devices hold;
+2. rollout chunk by chunk (SDE/CPS, CFG, optional window) on the global mesh; each chunk's
+   images are decoded and submitted to the reward server at once, and the next chunk samples
+   while the server scores (the trainer waits only when it needs the rewards);
+3. rewards gathered from all processes; group advantages (the same on every process);
+4. `updates_per_epoch` train steps, each on a slice of a shuffled order of the epoch's samples.
+Every random draw comes from (seed, epoch, chunk, sample), so an epoch's work does not depend on
+the device count and a resumed run repeats exactly what the uninterrupted one does.
+
+Checkpoints (orbax) are written every `save_every` epochs, at the end, and when SIGTERM
+arrives (the handler sets a flag; the loop saves at its next safe point and exits). A restart
+with the same workdir resumes from the latest checkpoint; one with another config refuses
+unless --allow_config_change.
+"""
+import dataclasses
+import functools
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from flowgrpo_jax import checkpoint as ckpt
+from flowgrpo_jax import config as config_lib
+from flowgrpo_jax import parallel
+from flowgrpo_jax.generator import load_generator
+from flowgrpo_jax.grpo import train_step as ts
+from flowgrpo_jax.grpo.advantages import PerPromptStatTracker
+from flowgrpo_jax.logging_utils import MetricWriter
+from flowgrpo_jax.models.lora import apply_lora
+from flowgrpo_jax.models.mmdit import Buffer
+from flowgrpo_jax.prompts import epoch_prompt_indices, load_prompts
+from flowgrpo_jax.rewards.client import RewardClient
+from flowgrpo_jax.sampling.rollout import Window, rollout
+from flowgrpo_jax.sampling.schedule import flow_match_schedule
+
+# Streams folded into an epoch's key; the eval stream is fixed so evals are comparable.
+_NOISE, _ROLLOUT, _SHUFFLE = 0, 1, 2
+_EVAL = 2**31 - 1
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop checks it at safe points (between chunks, before updates)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        logging.warning("signal %d: saving a checkpoint at the next safe point, then exiting", signum)
+        self.requested = True
+
+
+def _all_processes_any(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
+def _gather_rows(local: np.ndarray) -> np.ndarray:
+    """(chunks, rows of this process) from every process -> (chunks * all rows,) global order."""
+    stacked = multihost_utils.process_allgather(np.asarray(local))  # (P, chunks, rows)
+    return np.swapaxes(stacked, 0, 1).reshape(-1)
+
+
+def _replicate(tree, mesh):
+    """Host values, the same on every process, as global arrays replicated over the mesh."""
+    sharding = parallel.replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _to_mesh(tree, shardings):
+    """Host or single-device values, the same on every process, placed with `shardings`."""
+
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def _local_range(mesh, size: int) -> tuple:
+    """[start, stop) of the rows of a (size, ...) batch-sharded array this process holds."""
+    index_map = parallel.batch_sharding(mesh).addressable_devices_indices_map((size,))
+    starts = sorted({idx[0].start or 0 for idx in index_map.values()})
+    stops = sorted({idx[0].stop or size for idx in index_map.values()})
+    if any(a != b for a, b in zip(starts[1:], stops[:-1])):
+        raise RuntimeError(f"this process's devices hold non-contiguous batch rows {starts}..{stops}")
+    return starts[0], stops[-1]
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    shards = {s.index[0].start or 0: s.data for s in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _noise(key, ids, shape):
+    """Initial noise of samples `ids`: each id its own draw, whatever device it lands on."""
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(ids)
+
+
+@dataclasses.dataclass
+class _Model:
+    """The generator split for training: what trains, what stays, and how to run it."""
+
+    velocity: object  # velocity_fn((trainable, frozen), x, t, text)
+    trainable: object
+    frozen: object
+
+
+def _build_model(config, generator) -> _Model:
+    if config.lora.enabled:
+        apply_lora(generator.model, rank=config.lora.rank, alpha=config.lora.alpha,
+                   rngs=nnx.Rngs(config.seed), targets=tuple(config.lora.targets))
+        graphdef, trainable, frozen = ts.split_model(generator.model, lora=True)
+    else:
+        graphdef, trainable, frozen = ts.split_model(
+            generator.model, lora=False, params=nnx.All(nnx.Param, nnx.Not(Buffer)))
+    return _Model(ts.nnx_velocity(graphdef, generator.apply), trainable, frozen)
+
+
+class Trainer:
+    def __init__(self, config, workdir: str, *, allow_config_change: bool = False):
+        config_lib.validate(config, jax.device_count(), jax.process_count())
+        self.config = config
+        self.workdir = workdir
+        self.is_main = jax.process_index() == 0
+        self._check_workdir(allow_config_change)
+        self.sizes = config_lib.sizes(config)
+        s, t = config.sample, config.train
+
+        self.generator = load_generator(config.model)
+        self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+        model = _build_model(config, self.generator)
+        self.velocity = model.velocity
+        self.optimizer = ts.make_optimizer(t.learning_rate, t.adam_b1, t.adam_b2, t.weight_decay,
+                                           t.adam_eps, t.max_grad_norm)
+        trainable = _to_mesh(model.trainable, parallel.state_shardings(model.trainable, self.mesh))
+        self.frozen = _to_mesh(model.frozen, parallel.state_shardings(model.frozen, self.mesh))
+        # Full fine-tuning keeps the initial weights as the KL reference; LoRA switches itself off.
+        self.reference = None if config.lora.enabled else jax.tree.map(jnp.copy, trainable)
+        self.state = ts.create_train_state(trainable, self.optimizer, self.mesh)
+
+        self.sigmas = flow_match_schedule(s.num_steps, shift=self.generator.shift)[0]
+        self.eval_sigmas = flow_match_schedule(s.eval_num_steps, shift=self.generator.shift)[0]
+        self.window = Window(s.window_size, s.window_lo, s.window_hi) if s.window_size else None
+        stored_steps = s.window_size or s.num_steps
+        self.step_config = ts.StepConfig(
+            sigma_max=float(self.sigmas[1]),
+            num_train_steps=ts.num_train_timesteps(stored_steps, t.timestep_fraction),
+            micro_batch_size=t.micro_batch_size, kind=s.kind, noise_level=s.noise_level,
+            guidance_scale=s.guidance_scale, clip_range=t.clip_range, beta=t.beta,
+            ema_max_decay=t.ema_max_decay, remat=t.remat)
+        self.train_step = ts.make_train_step(self.velocity, self.optimizer, self.step_config,
+                                             self.mesh, state=self.state, frozen=self.frozen,
+                                             reference=self.reference)
+        self.cfg = s.guidance_scale != 1.0
+        self.uncond = (_replicate(jax.device_get(self.generator.encode([""])), self.mesh)
+                       if self.cfg else None)
+        batch_sh = parallel.batch_sharding(self.mesh)
+        self._on_batch = jax.jit(lambda tree: tree, out_shardings=batch_sh)
+        self._concat = jax.jit(lambda chunks: jax.tree.map(lambda *a: jnp.concatenate(a), *chunks),
+                               out_shardings=batch_sh)
+        self._take = jax.jit(lambda data, idx: jax.tree.map(lambda a: a[idx], data),
+                             out_shardings=batch_sh)
+
+        self.train_prompts = load_prompts(config.prompts.train_file, config.prompts.format)
+        test_file = config.prompts.test_file or config.prompts.train_file
+        self.test_prompts = load_prompts(test_file, config.prompts.format)
+        self.tracker = PerPromptStatTracker(global_std=t.global_std, clip_max=t.adv_clip_max)
+        self.checkpointer = ckpt.TrainCheckpointer(workdir)
+        self.writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main,
+                                   wandb_project=config.logging.wandb_project
+                                   if config.logging.wandb else None,
+                                   run_config=config.to_dict())
+        self.base_key = jax.random.key(config.seed)
+        self.epoch = 0
+
+    def _check_workdir(self, allow_change: bool) -> None:
+        """Process 0 checks (and records) the config; every process stops if it refuses."""
+        error = None
+        if self.is_main:
+            try:
+                ckpt.check_workdir_config(self.workdir, self.config.to_dict(), allow_change)
+            except ckpt.ConfigMismatchError as e:
+                error = e
+        if _all_processes_any(error is not None):
+            raise error or ckpt.ConfigMismatchError(
+                f"{self.workdir} was started with a different config (see process 0)")
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return
+        self.state, host = self.checkpointer.restore(step, self.state)
+        self.epoch = host["epoch"]
+        self.tracker.load_state_dict(host["tracker"])
+        logging.info("resumed from %s at epoch %d", self.workdir, self.epoch)
+
+    def save(self) -> None:
+        if self.checkpointer.latest_step() == self.epoch:
+            return
+        self.checkpointer.save(self.epoch, self.state,
+                               {"epoch": self.epoch, "tracker": self.tracker.state_dict()})
+
+    # ---- sampling ----------------------------------------------------------------------------
+
+    def _sample_chunk(self, params, sigmas, key, noise, prompts, *, kind, window=None):
+        """One chunk on the global mesh from this process's rows -> (Rollout, text), global."""
+        text = parallel.shard_batch(jax.device_get(self.generator.encode(prompts)), self.mesh)
+        latents = parallel.shard_batch(noise, self.mesh)
+        s = self.config.sample
+        out = rollout(self.velocity, params, latents, text, _replicate(sigmas, self.mesh),
+                      key=_replicate(key, self.mesh), kind=kind, noise_level=s.noise_level,
+                      guidance_scale=s.guidance_scale, uncond_text=self.uncond, window=window)
+        return self._on_batch(out), text
+
+    def _images(self, final_latents) -> np.ndarray:
+        return np.asarray(jax.device_get(self.generator.decode(_local_rows(final_latents))))
+
+    def sample_epoch(self, stop: _StopFlag):
+        """Rollouts of this epoch, this process's rewards (futures) and its prompts per chunk;
+        None if a stop was requested before the epoch's sampling finished."""
+        s = self.config.sample
+        chunk = s.batch_size
+        epoch_key = jax.random.fold_in(self.base_key, self.epoch)
+        noise_key = jax.random.fold_in(epoch_key, _NOISE)
+        groups = epoch_prompt_indices(len(self.train_prompts), s.groups_per_epoch,
+                                      self.config.seed, self.epoch)
+        start, stop_row = _local_range(self.mesh, chunk)
+        params = (self.state.params, self.frozen)
+        records, futures, local_prompts, local_groups, first_images = [], [], [], [], None
+        for c in tqdm(range(self.sizes["chunks"]), desc=f"epoch {self.epoch} sampling",
+                      leave=False, disable=not self.is_main):
+            ids = c * chunk + np.arange(start, stop_row)  # global sample ids of this process
+            group = ids // s.group_size
+            prompts, metadata = self.train_prompts.take(groups[group])
+            noise = np.asarray(_noise(noise_key, group if s.same_latent else ids,
+                                      self.generator.latent_shape))
+            out, text = self._sample_chunk(
+                params, self.sigmas, jax.random.fold_in(jax.random.fold_in(epoch_key, _ROLLOUT), c),
+                noise, prompts, kind=s.kind, window=self.window)
+            images = self._images(out.final_latents)
+            futures.append(self.rewards.submit(images, prompts, metadata))  # scored meanwhile
+            records.append((out.latents, out.next_latents, out.log_probs, out.sigmas,
+                            out.next_sigmas, text))
+            local_prompts.append(prompts)
+            local_groups.append(groups[group])
+            first_images = images if first_images is None else first_images
+            if _all_processes_any(stop.requested):
+                return None
+        return records, futures, local_prompts, local_groups, first_images
+
+    # ---- one epoch -----------------------------------------------------------------------------
+
+    def _gather_rewards(self, futures):
+        """Global (N,) totals and components, in global sample order, from every process."""
+        results = [f.result() for f in futures]
+        total = _gather_rows(np.stack([r.total for r in results]))
+        components = {name: _gather_rows(np.stack([r.components[name] for r in results]))
+                      for name in results[0].components}
+        return total, components
+
+    def _update_order(self, advantages) -> np.ndarray | None:
+        """Shuffled sample indices, `updates_per_epoch` slices of equal size. Dropping
+        zero-std groups fills the fixed batch by cycling the kept samples (shapes, hence
+        compiled steps, stay the same); None when nothing is left to learn from."""
+        rng = np.random.default_rng([self.config.seed, self.epoch, _SHUFFLE])
+        order = rng.permutation(self.sizes["epoch"])
+        if self.config.train.drop_zero_std_groups:
+            order = order[advantages.keep[order]]
+            if order.size == 0:
+                return None
+            order = np.resize(order, self.sizes["epoch"])
+        return order
+
+    def train_epoch(self, stop: _StopFlag) -> dict | None:
+        """One epoch; returns its metrics, or None when stopped before its updates."""
+        s, t = self.config.sample, self.config.train
+        started = time.perf_counter()
+        sampled = self.sample_epoch(stop)
+        if sampled is None:
+            return None
+        records, futures, local_prompts, local_groups, images = sampled
+        sample_seconds = time.perf_counter() - started
+        total, components = self._gather_rewards(futures)
+        reward_wait = time.perf_counter() - started - sample_seconds
+        # groups are keyed by prompt index: equal prompts of an epoch pool their rewards
+        advantages = self.tracker.update(_gather_rows(np.stack(local_groups)), total)
+
+        metrics = {"reward/total_mean": total.mean(), "reward/total_std": total.std(),
+                   "advantages/zero_std_ratio": advantages.zero_std_ratio,
+                   "advantages/group_std_mean": advantages.group_std_mean,
+                   "advantages/abs_mean": np.abs(advantages.advantages).mean(),
+                   "data/seen_prompts": self.tracker.num_seen_prompts}
+        for name, values in components.items():
+            metrics[f"reward/{name}_mean"] = values.mean()
+            metrics[f"reward/{name}_std"] = values.std()
+        if self.is_main and self.epoch % self.config.log_every == 0:
+            count = self.config.logging.num_images
+            self.writer.images(self.epoch, "train/images", images[:count],
+                               [f"{p} ({r:.3f})" for p, r in zip(local_prompts[0][:count], total)])
+
+        if _all_processes_any(stop.requested):
+            return None
+        train_started = time.perf_counter()
+        order = self._update_order(advantages)
+        if order is not None:
+            data = self._concat(records)
+            data = (*data[:5], data[5], _replicate(advantages.advantages, self.mesh))
+            uncond = self.uncond if self.cfg else None
+            step_metrics = []
+            size = self.sizes["update"]
+            for u in range(t.updates_per_epoch):
+                idx = _replicate(order[u * size:(u + 1) * size], self.mesh)
+                lat, nxt, logp, sig, nsig, text, adv = self._take(data, idx)
+                batch = ts.TrainBatch(lat, nxt, logp, sig, nsig, adv, text)
+                self.state, m = self.train_step(self.state, self.frozen, self.reference, batch, uncond)
+                step_metrics.append(m)
+            for name, value in jax.device_get(step_metrics[0]).items():
+                metrics[f"train/{name}"] = np.mean([float(m[name]) for m in jax.device_get(step_metrics)])
+        metrics["train/skipped"] = float(order is None)
+        metrics["time/sample_s"] = sample_seconds
+        metrics["time/reward_wait_s"] = reward_wait
+        metrics["time/train_s"] = time.perf_counter() - train_started
+        metrics["time/epoch_s"] = time.perf_counter() - started
+        self.epoch += 1
+        return metrics
+
+    # ---- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """ODE at eval_num_steps on the test prompts with the EMA params; mean rewards."""
+        s = self.config.sample
+        count = s.num_eval_prompts or len(self.test_prompts)
+        count = min(count, len(self.test_prompts))
+        chunk = s.eval_batch_size
+        padded = -(-count // chunk) * chunk
+        rows = np.minimum(np.arange(padded), count - 1)  # the last prompt repeats as padding
+        eval_key = jax.random.fold_in(self.base_key, _EVAL)
+        params = (self.state.ema_params if self.config.train.ema else self.state.params, self.frozen)
+        start, stop_row = _local_range(self.mesh, chunk)
+        futures, first_images, first_prompts = [], None, None
+        for c in tqdm(range(padded // chunk), desc="eval", leave=False, disable=not self.is_main):
+            ids = c * chunk + np.arange(start, stop_row)
+            prompts, metadata = self.test_prompts.take(rows[ids])
+            noise = np.asarray(_noise(eval_key, ids, self.generator.latent_shape))
+            out, _ = self._sample_chunk(params, self.eval_sigmas, eval_key, noise, prompts, kind="ode")
+            images = self._images(out.final_latents)
+            futures.append(self.rewards.submit(images, prompts, metadata))
+            if first_images is None:
+                first_images, first_prompts = images, prompts
+        total, components = self._gather_rewards(futures)
+        metrics = {"eval/reward_mean": total[:count].mean()}
+        for name, values in components.items():
+            metrics[f"eval/{name}_mean"] = values[:count].mean()
+        if self.is_main:
+            n = self.config.logging.num_images
+            self.writer.images(self.epoch, "eval/images", first_images[:n], first_prompts[:n])
+        return metrics
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _reward_client(self) -> RewardClient:
+        r = self.config.reward
+        if r.url:
+            return RewardClient(url=r.url)
+        return RewardClient(r.rewards, options=r.options.to_dict(), plugins=tuple(r.plugins))
+
+    def run(self) -> None:
+        c = self.config
+        self.restore()
+        stop = _StopFlag()
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            with self._reward_client() as self.rewards:
+                self._loop(stop)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.checkpointer.close()
+            self.writer.close()
+
+    def _loop(self, stop: _StopFlag) -> None:
+        c = self.config
+        bar = tqdm(total=c.num_epochs, initial=self.epoch, desc="epochs", disable=not self.is_main)
+        while self.epoch < c.num_epochs:
+            if c.eval_every and self.epoch % c.eval_every == 0:
+                self._log(self.evaluate())
+            metrics = self.train_epoch(stop)
+            if metrics is None:
+                break
+            self._log(metrics, step=self.epoch - 1)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
+            if self.epoch % c.save_every == 0 or _all_processes_any(stop.requested):
+                self.save()
+            if _all_processes_any(stop.requested):
+                break
+        bar.close()
+        if stop.requested:
+            self.save()
+            logging.warning("stopped by signal at epoch %d; checkpoint saved", self.epoch)
+            return
+        if c.eval_every:
+            self._log(self.evaluate())
+        self.save()
+
+    def _log(self, metrics: dict, step: int | None = None) -> None:
+        step = self.epoch if step is None else step
+        self.writer.scalars(step, metrics)
+        if self.is_main:
+            shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()
+                             if k.startswith(("reward/total", "eval/", "train/loss", "train/kl",
+                                              "train/approx_kl", "train/clipfrac", "time/epoch")))
+            tqdm.write(f"epoch {step}: {shown}")
+
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]")
+flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs and the run's config")
+flags.DEFINE_bool("allow_config_change", False, "resume a workdir started with another config")
+flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for multi-process runs")
+flags.DEFINE_integer("num_processes", None, "processes in a multi-process run")
+flags.DEFINE_integer("process_id", None, "this process's index in a multi-process run")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _init_distributed() -> None:
+    if FLAGS.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # CPU processes need gloo for their collectives; accelerators ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    _init_distributed()
+    try:
+        trainer = Trainer(_CONFIG.value, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+    except (config_lib.ConfigError, ckpt.ConfigMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    trainer.run()
+
+
+if __name__ == "__main__":
+    app.run(main)
