@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowgrpo_jax.models import SD3Pipeline
+from flowgrpo_jax.generator import Generator
+from flowgrpo_jax.models import SD3Pipeline, load_pipeline
 from flowgrpo_jax.sampling.rollout import rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
@@ -113,13 +114,18 @@ def encode_prompt(pipeline: SD3Pipeline, prompts, *, negative_prompt="", max_seq
             text.pooled[batch:])
 
 
+def apply_transformer(transformer, x, t, text: TextEmbeddings):
+    """The MMDiT's velocity at NHWC latents x and model times t (B,) = 1000*sigma."""
+    return transformer(x, t, text.prompt_embeds, text.pooled)
+
+
 @functools.cache
 def transformer_velocity(graphdef):
     """velocity_fn(state, x, t, text) for `rollout`: one function object per model structure,
     so the jitted rollout compiles once however often it is called."""
 
     def velocity(state, x, t, text: TextEmbeddings):
-        return nnx.merge(graphdef, state)(x, t, text.prompt_embeds, text.pooled)
+        return apply_transformer(nnx.merge(graphdef, state), x, t, text)
 
     return velocity
 
@@ -209,3 +215,26 @@ def sample(pipeline: SD3Pipeline, prompts, *, steps: int = 40, guidance: float =
                            noise_level=noise_level, height=height, width=width, latents=latents,
                            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)
     return to_uint8(decode(pipeline, final))
+
+
+def sd3_generator(model_config) -> Generator:
+    """The SD3 / SD3.5 pipeline as the RL code's `Generator`.
+
+    model_config: `path` (a converted pipeline folder), optional `dtype` ("bfloat16", or
+    "float32"), `resolution` (512 px, square) and `max_sequence_length` (T5 tokens, 128).
+    """
+    dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+    dtype = model_config.get("dtype", "bfloat16")
+    if dtype not in dtypes:
+        raise ValueError(f"model dtype {dtype!r} not one of {sorted(dtypes)}")
+    pipeline = load_pipeline(model_config.path, dtype=dtypes[dtype])
+    length = model_config.get("max_sequence_length", 128)
+    shape = _latent_shape(pipeline, model_config.get("resolution", 512),
+                          model_config.get("resolution", 512), None)
+
+    def encode(prompts) -> TextEmbeddings:
+        return encode_tokens(pipeline, tokenize(pipeline, list(prompts), length), length)
+
+    return Generator(model=pipeline.transformer, apply=apply_transformer, encode=encode,
+                     decode=lambda latents: to_uint8(decode(pipeline, latents)),
+                     latent_shape=tuple(shape), shift=pipeline.scheduler.shift)

@@ -9,14 +9,16 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from flowgrpo_jax import sample as sample_cli
+from flowgrpo_jax.generator import load_generator
 from flowgrpo_jax.models import load_pipeline
-from flowgrpo_jax.pipeline import decode, sample, sample_latents, to_uint8
+from flowgrpo_jax.pipeline import apply_transformer, decode, encode_prompt, sample, sample_latents, to_uint8
 from test_encode_prompt import T5_LENGTH, tiny_sd3_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,3 +136,19 @@ def test_cli_names_a_bad_model_folder(pipelines, tmp_path, capsys):
     assert sample_cli.main(["--model", os.path.join(folder, "vae"), *args]) == 1
     assert "no model_index.json" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_generator_serves_the_rl_code_the_same_pieces(pipelines):
+    _, ours, folder = pipelines
+    generator = load_generator(ml_collections.ConfigDict(dict(
+        family="sd3", path=folder, dtype="float32", resolution=HEIGHT, max_sequence_length=T5_LENGTH)))
+    assert generator.latent_shape == (HEIGHT // 8, HEIGHT // 8, 16) and generator.shift == 3.0
+    # prompts then negatives: the batch encode_prompt encodes, so nothing compiles anew
+    text = generator.encode(PROMPTS + ["", ""])
+    embeds, negative_embeds, pooled, negative_pooled = encode_prompt(
+        ours, PROMPTS, max_sequence_length=T5_LENGTH)
+    np.testing.assert_array_equal(text.prompt_embeds, np.concatenate([embeds, negative_embeds]))
+    np.testing.assert_array_equal(text.pooled, np.concatenate([pooled, negative_pooled]))
+    latents = initial_latents()
+    np.testing.assert_array_equal(generator.decode(latents), to_uint8(decode(ours, latents)))
+    assert generator.apply is apply_transformer and generator.model.config == ours.transformer.config
