@@ -87,6 +87,8 @@ def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None) -> SD3Pipeli
     Every model's parameters are cast to `dtype`, activations run in `compute_dtype` (default
     `dtype`). Raises FileNotFoundError / ValueError (ComponentLoadError) naming what is missing.
     """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory")
     index_path = os.path.join(path, "model_index.json")
     if not os.path.exists(index_path):
         raise FileNotFoundError(f"{path}: not a converted pipeline folder (no model_index.json); "
