@@ -1,0 +1,150 @@
+"""Flow-matching pretraining of the toy world's model (MMDiT + toy text encoder) on renders.
+
+Each step draws a batch of train prompts, renders a fresh scene that satisfies each one
+(`sample_images`), and regresses the rectified-flow velocity as SD3 does: x_s = (1-s) x0 + s eps,
+target v = eps - x0, s logit-normal, the MMDiT's time input 1000*s. The text is replaced by the
+empty prompt with probability `cfg_dropout`, so the model also learns the unconditional
+velocity that classifier-free guidance needs. AdamW at a constant rate after a linear warmup,
+so a run of N steps equals the first N steps of a longer run with the same seed (snapshots
+written with --save_every are the checkpoints of shorter runs).
+
+Reproduce the shipped base checkpoint (flowgrpo_jax/toy/checkpoint/):
+
+    python tools/pretrain_toy.py --out flowgrpo_jax/toy/checkpoint
+
+with the defaults below (seed 0). Measured results are in the report printed by
+`python -m flowgrpo_jax.evaluate --model_path flowgrpo_jax/toy/checkpoint --prompts
+flowgrpo_jax/toy/data/test.jsonl --out base.json`; see RESULTS.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from flowgrpo_jax.toy.model import ToyModel, ToyModelConfig, save
+from flowgrpo_jax.toy.prompts import DATA_DIR, load_prompts
+from flowgrpo_jax.toy.scenes import sample_images
+from flowgrpo_jax.toy.text import Tokenizer
+
+RESULTS = """(filled in after measuring)"""
+
+
+def to_latents(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC images -> float32 latents in [-1, 1]."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def flow_matching_loss(model: ToyModel, x0, ids, mask, key):
+    """Mean squared error of the predicted velocity at a logit-normal time s."""
+    s_key, noise_key = jax.random.split(key)
+    s = jax.nn.sigmoid(jax.random.normal(s_key, (x0.shape[0],)))
+    noise = jax.random.normal(noise_key, x0.shape)
+    s_b = s[:, None, None, None]
+    x_s = (1 - s_b) * x0 + s_b * noise
+    v = model.velocity(x_s, 1000.0 * s, ids, mask)
+    return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
+
+
+def make_train_step(graphdef, optimizer):
+    @jax.jit
+    def train_step(params, opt_state, x0, ids, mask, key):
+        loss, grads = jax.value_and_grad(
+            lambda p: flow_matching_loss(nnx.merge(graphdef, p), x0, ids, mask, key))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step
+
+
+def make_optimizer(lr: float, warmup: int, weight_decay: float):
+    schedule = optax.linear_schedule(0.0, lr, max(warmup, 1))
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=weight_decay))
+
+
+class Batches:
+    """Seeded stream of (latents, prompts) from a prompts file; each step renders new scenes."""
+
+    def __init__(self, prompts: list[dict], batch_size: int, cfg_dropout: float, seed: int, image_size: int):
+        self.prompts, self.batch_size, self.cfg_dropout = prompts, batch_size, cfg_dropout
+        self.image_size = image_size
+        self.rng = np.random.default_rng(seed)
+
+    def next(self) -> tuple[np.ndarray, list[str]]:
+        rows = [self.prompts[i] for i in self.rng.integers(len(self.prompts), size=self.batch_size)]
+        images = sample_images(rows, self.rng, self.image_size)
+        dropped = self.rng.random(self.batch_size) < self.cfg_dropout
+        texts = ["" if drop else row["prompt"] for drop, row in zip(dropped, rows)]
+        return to_latents(images), texts
+
+
+def pretrain(config: ToyModelConfig, prompts: list[dict], *, steps: int, batch_size: int, lr: float,
+             warmup: int, weight_decay: float, cfg_dropout: float, seed: int,
+             save_every: int = 0, out: str | None = None, progress: bool = True):
+    """Trains from a seeded init; returns (model, losses). Snapshots go to out/step_N."""
+    model = ToyModel(config, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    optimizer = make_optimizer(lr, warmup, weight_decay)
+    opt_state = optimizer.init(params)
+    train_step = make_train_step(graphdef, optimizer)
+    tokenizer = Tokenizer(max_length=config.max_length)
+    batches = Batches(prompts, batch_size, cfg_dropout, seed, config.image_size)
+    key = jax.random.key(seed)
+    losses = []
+    bar = tqdm(range(1, steps + 1), desc="pretrain", disable=not progress)
+    for step in bar:
+        x0, texts = batches.next()
+        ids, mask = tokenizer.encode(texts)
+        key, step_key = jax.random.split(key)
+        params, opt_state, loss = train_step(params, opt_state, x0, ids, mask, step_key)
+        losses.append(float(loss))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if out and save_every and step % save_every == 0:
+            save(os.path.join(out, f"step_{step}"), nnx.merge(graphdef, params))
+    return nnx.merge(graphdef, params), losses
+
+
+def parse_args(argv):
+    defaults = ToyModelConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for config.json + params.npz")
+    parser.add_argument("--prompts", default=str(DATA_DIR / "train.jsonl"))
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--cfg_dropout", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save_every", type=int, default=0, help="snapshots to OUT/step_N; 0: none")
+    for field in dataclasses.fields(ToyModelConfig):
+        default = getattr(defaults, field.name)
+        parser.add_argument(f"--{field.name}", type=type(default), default=default)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = ToyModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ToyModelConfig)})
+    start = time.perf_counter()
+    model, losses = pretrain(
+        config, load_prompts(args.prompts), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, cfg_dropout=args.cfg_dropout,
+        seed=args.seed, save_every=args.save_every, out=args.out)
+    save(args.out, model)
+    print(f"wrote {args.out}: {args.steps} steps in {time.perf_counter() - start:.0f} s, loss "
+          f"{np.mean(losses[:20]):.4f} (first 20) -> {np.mean(losses[-100:]):.4f} (last 100)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
