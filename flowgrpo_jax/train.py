@@ -23,6 +23,7 @@ unless --allow_config_change.
 """
 import dataclasses
 import functools
+import hashlib
 import os
 import signal
 import sys
@@ -116,6 +117,15 @@ def _local_rows(array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded global array, in order."""
     shards = {s.index[0].start or 0: s.data for s in array.addressable_shards}
     return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def _fingerprint(tree) -> str:
+    """SHA-256 (16 hex digits) of the array shards this process holds."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        for shard in sorted(leaf.addressable_shards, key=lambda s: str(s.index)):
+            digest.update(np.asarray(shard.data).tobytes())
+    return digest.hexdigest()[:16]
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -222,7 +232,8 @@ class Trainer:
         self.state, host = self.checkpointer.restore(step, self.state)
         self.epoch = host["epoch"]
         self.tracker.load_state_dict(host["tracker"])
-        logging.info("resumed from %s at epoch %d", self.workdir, self.epoch)
+        if self.is_main:
+            tqdm.write(f"resumed from the checkpoint of epoch {self.epoch} in {self.workdir}")
 
     def save(self) -> None:
         if self.checkpointer.latest_step() == self.epoch:
@@ -426,11 +437,15 @@ class Trainer:
         bar.close()
         if stop.requested:
             self.save()
-            logging.warning("stopped by signal at epoch %d; checkpoint saved", self.epoch)
+            if self.is_main:
+                tqdm.write(f"stopped by signal at epoch {self.epoch}; checkpoint saved")
             return
         if c.eval_every:
             self._log(self.evaluate())
         self.save()
+        # Every process reports the params it holds: replicas must agree across processes.
+        print(f"process {jax.process_index()}/{jax.process_count()}: epoch {self.epoch}, params "
+              f"fingerprint {_fingerprint(self.state.params)}", flush=True)
 
     def _log(self, metrics: dict, step: int | None = None) -> None:
         step = self.epoch if step is None else step

@@ -1,0 +1,71 @@
+"""Stopping and resuming the real trainer: SIGTERM saves at the next safe point and a resumed
+run ends with the same params as an uninterrupted one; after kill -9 a restart resumes from
+the last complete checkpoint and also ends with those params."""
+import signal
+import subprocess
+import time
+
+import pytest
+
+from train_runs import (ROOT, checkpoint_params, checkpoint_steps, make_tiny_model, max_abs_diff,
+                        run_train, train_command, train_env)
+
+EPOCHS = 12
+SETTINGS = (f"--config.num_epochs={EPOCHS}", "--config.save_every=1")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_train(workdir, model, *SETTINGS)
+    return checkpoint_params(workdir, EPOCHS)
+
+
+def _start_and_wait_for_checkpoint(workdir, model, step: int, log_path):
+    log = open(log_path, "w")
+    process = subprocess.Popen(train_command(workdir, model, *SETTINGS), cwd=ROOT, env=train_env(),
+                               stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not checkpoint_steps(workdir) or checkpoint_steps(workdir)[-1] < step:
+        assert process.poll() is None, f"training exited early:\n{open(log_path).read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    return process, log
+
+
+def test_sigterm_then_resume_ends_like_an_uninterrupted_run(model, uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    process, log = _start_and_wait_for_checkpoint(workdir, model, 1, tmp_path / "first.log")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    log.close()
+    stopped_at = checkpoint_steps(workdir)[-1]
+    assert stopped_at < EPOCHS, "the signal came too late to stop the run"
+    assert f"stopped by signal at epoch {stopped_at}" in (tmp_path / "first.log").read_text()
+
+    resumed = run_train(workdir, model, *SETTINGS)
+    assert f"resumed from the checkpoint of epoch {stopped_at}" in resumed.stdout + resumed.stderr
+    diff = max_abs_diff(checkpoint_params(workdir, EPOCHS), uninterrupted)
+    print(f"stopped at epoch {stopped_at}; max |params - uninterrupted| = {diff:.3g}")
+    assert diff == 0.0
+
+
+def test_kill_9_then_restart_resumes_from_the_last_checkpoint(model, uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    process, log = _start_and_wait_for_checkpoint(workdir, model, 3, tmp_path / "first.log")
+    process.kill()
+    process.wait(timeout=60)
+    log.close()
+    last = checkpoint_steps(workdir)[-1]  # complete checkpoints only; a cut save stays a tmp dir
+    assert last < EPOCHS, "the kill came too late to interrupt the run"
+
+    resumed = run_train(workdir, model, *SETTINGS)
+    assert f"resumed from the checkpoint of epoch {last}" in resumed.stdout + resumed.stderr
+    diff = max_abs_diff(checkpoint_params(workdir, EPOCHS), uninterrupted)
+    print(f"killed after checkpoint {last}; max |params - uninterrupted| = {diff:.3g}")
+    assert diff == 0.0

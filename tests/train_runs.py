@@ -1,0 +1,64 @@
+"""Helpers of the trainer's end-to-end tests: a tiny random-init toy model on disk, the real
+`python -m flowgrpo_jax.train` command on a tiny config, and reading a run's checkpoints."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from flowgrpo_jax.toy.model import ToyModel, ToyModelConfig, save
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# 16 px images, one MMDiT block of width 32: a CPU epoch of 16 images takes well under a second.
+TINY_MODEL = ToyModelConfig(image_size=16, patch_size=4, width=32, heads=2, layers=1,
+                            text_width=16, text_layers=1, text_heads=2)
+
+
+def make_tiny_model(folder) -> str:
+    save(str(folder), ToyModel(TINY_MODEL, rngs=nnx.Rngs(0)))
+    return str(folder)
+
+
+def train_command(workdir, model, *overrides, config="configs/sd35m_pickscore.py:tiny") -> list:
+    return [sys.executable, "-m", "flowgrpo_jax.train", "--config", config,
+            "--workdir", str(workdir), f"--config.model.path={model}", *overrides]
+
+
+def train_env(devices: int = 1) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def run_train(workdir, model, *overrides, devices: int = 1, timeout: int = 300):
+    result = subprocess.run(train_command(workdir, model, *overrides), cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout, env=train_env(devices))
+    assert result.returncode == 0, f"training failed:\n{result.stderr[-4000:]}"
+    return result
+
+
+def checkpoint_steps(workdir) -> list:
+    folder = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def checkpoint_params(workdir, step: int) -> dict:
+    """{path: array} of the trained params saved at `step`."""
+    path = pathlib.Path(workdir).resolve() / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    # onto this process's first device, whatever mesh the run saved from
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata.tree)
+    state = checkpointer.restore(path, target)
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
