@@ -406,7 +406,6 @@ class Trainer:
         return RewardClient(r.rewards, options=r.options.to_dict(), plugins=tuple(r.plugins))
 
     def run(self) -> None:
-        c = self.config
         self.restore()
         stop = _StopFlag()
         previous = signal.signal(signal.SIGTERM, stop)
@@ -421,21 +420,22 @@ class Trainer:
     def _loop(self, stop: _StopFlag) -> None:
         c = self.config
         bar = tqdm(total=c.num_epochs, initial=self.epoch, desc="epochs", disable=not self.is_main)
-        while self.epoch < c.num_epochs:
+        stopped = False  # decided together by all processes, so they take the same path
+        while self.epoch < c.num_epochs and not stopped:
             if c.eval_every and self.epoch % c.eval_every == 0:
                 self._log(self.evaluate())
             metrics = self.train_epoch(stop)
             if metrics is None:
+                stopped = True
                 break
             self._log(metrics, step=self.epoch - 1)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
-            if self.epoch % c.save_every == 0 or _all_processes_any(stop.requested):
+            stopped = _all_processes_any(stop.requested)
+            if stopped or self.epoch % c.save_every == 0:
                 self.save()
-            if _all_processes_any(stop.requested):
-                break
         bar.close()
-        if stop.requested:
+        if stopped:
             self.save()
             if self.is_main:
                 tqdm.write(f"stopped by signal at epoch {self.epoch}; checkpoint saved")
