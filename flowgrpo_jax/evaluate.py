@@ -11,9 +11,10 @@ Images come from the deterministic ODE sampler at `config.sample.eval_num_steps`
 noise. Images are scored by the toy checker (`toy.checker.score_batch`), so the prompts must be
 in GenEval's format over the toy world's shapes and colours.
 
-`--checkpoint` is a model folder of the family (a toy `config.json` + `params.npz`) or a
-training workdir; without `--config` the model comes from `--model_path` (family `--family`)
-with the default sampling settings of `flowgrpo_jax.config.defaults()`.
+`--checkpoint` is a training workdir (its latest checkpoint's EMA params, on the model and,
+without `--config`, the sampling settings it was trained with) or a model folder of the
+config's family (a toy `config.json` + `params.npz`). Without `--config` a model folder comes
+from `--model_path` (family `--family`) with the sampling settings of `config.defaults()`.
 """
 import argparse
 import importlib.util
@@ -24,18 +25,22 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
+from flowgrpo_jax import checkpoint as ckpt
 from flowgrpo_jax.config import defaults
+from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.generator import Generator, load_generator
 from flowgrpo_jax.logging_utils import image_grid
 from flowgrpo_jax.sampling.rollout import rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 from flowgrpo_jax.toy.checker import score_batch
 from flowgrpo_jax.toy.prompts import load_prompts
+from flowgrpo_jax.train import _build_model as build_model  # the trainer's LoRA / full-FT split
 
 
 def load_config(path: str):
@@ -85,13 +90,17 @@ def summarize(metadata: list[dict], strict: np.ndarray, partial: np.ndarray) -> 
 
 
 def evaluate(generator: Generator, params, metadata: list[dict], *, num_steps: int, guidance_scale: float,
-             images_per_prompt: int = 1, seed: int = 0, batch_size: int = 64, progress: bool = True):
-    """(summary dict, uint8 images (num_lines, images_per_prompt, H, W, 3)) of `params`."""
+             images_per_prompt: int = 1, seed: int = 0, batch_size: int = 64, progress: bool = True,
+             velocity_fn=None):
+    """(summary dict, uint8 images (num_lines, images_per_prompt, H, W, 3)) of `params`.
+
+    `velocity_fn(params, x, t, text)` defaults to the generator's model with params its
+    nnx.state; a trainer's LoRA or fine-tuned params come with their own velocity_fn."""
     if not metadata:
         raise ValueError("no prompts to evaluate")
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"images_per_prompt ({images_per_prompt}) and batch_size ({batch_size}) must be >= 1")
-    velocity_fn = velocity_function(generator)
+    velocity_fn = velocity_fn or velocity_function(generator)
     jobs = [(i, j) for i in range(len(metadata)) for j in range(images_per_prompt)]
     strict = np.zeros((len(metadata), images_per_prompt), np.float32)
     partial = np.zeros_like(strict)
@@ -112,20 +121,47 @@ def evaluate(generator: Generator, params, metadata: list[dict], *, num_steps: i
     return summary, images
 
 
+def is_workdir(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, ckpt.CONFIG_FILE)) and os.path.isdir(
+        os.path.join(folder, "checkpoints"))
+
+
+def load_workdir(workdir: str):
+    """(config, generator, params, velocity_fn) of a training workdir's latest checkpoint: the
+    EMA params (the trained ones when train.ema is off) on the model the run was started with."""
+    with open(os.path.join(workdir, ckpt.CONFIG_FILE)) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    generator = load_generator(config.model)
+    model = build_model(config, generator)
+    t = config.train
+    optimizer = ts.make_optimizer(t.learning_rate, t.adam_b1, t.adam_b2, t.weight_decay, t.adam_eps,
+                                  t.max_grad_norm)
+    checkpointer = ckpt.TrainCheckpointer(workdir)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ValueError(f"{workdir} holds no complete training checkpoint yet")
+    state, _ = checkpointer.restore(step, ts.init_train_state(model.trainable, optimizer))
+    checkpointer.close()
+    trained = state.ema_params if t.ema else state.params
+    return config, generator, (trained, model.frozen), model.velocity
+
+
 def resolve_model(config, checkpoint: str | None, model_path: str | None):
-    """(generator, params) for a model folder, a base model path, or the config's model."""
-    model_config = config.model
+    """(config, generator, params, velocity_fn) of a training workdir, or of a model folder
+    (`checkpoint` or `model_path`) of config.model's family, or of config.model itself."""
     folder = checkpoint or model_path
+    if folder is not None and not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if folder is not None and is_workdir(folder):
+        workdir_config, generator, params, velocity_fn = load_workdir(folder)
+        return config or workdir_config, generator, params, velocity_fn
+    if config is None:
+        raise ValueError("give --config, or a training workdir as --checkpoint")
+    model_config = config.model.copy_and_resolve_references()
     if folder is not None:
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-        if os.path.isdir(os.path.join(folder, "checkpoints")):
-            raise ValueError(f"{folder} is a training workdir; evaluating workdirs needs the trainer's "
-                             f"checkpoint layout, pass the exported model folder instead")
-        model_config = model_config.copy_and_resolve_references()
         model_config.path = folder
     generator = load_generator(model_config)
-    return generator, nnx.state(generator.model)
+    return config, generator, nnx.state(generator.model), velocity_function(generator)
 
 
 def parse_args(argv):
@@ -150,12 +186,11 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.config:
-            config = load_config(args.config)
-        else:
+        config = load_config(args.config) if args.config else None
+        if config is None and not (args.checkpoint and is_workdir(args.checkpoint)):
             config = defaults()
             config.model.family = args.family
-        generator, params = resolve_model(config, args.checkpoint, args.model_path)
+        config, generator, params, velocity_fn = resolve_model(config, args.checkpoint, args.model_path)
         metadata = load_prompts(args.prompts)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -167,7 +202,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     summary, images = evaluate(generator, params, metadata, num_steps=num_steps, guidance_scale=guidance,
                                images_per_prompt=args.images_per_prompt, seed=args.seed,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, velocity_fn=velocity_fn)
     summary.update(prompts_file=args.prompts, checkpoint=args.checkpoint or args.model_path,
                    num_steps=num_steps, guidance_scale=guidance, seed=args.seed,
                    seconds=round(time.perf_counter() - start, 1))
