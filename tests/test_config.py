@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from flowgrpo_jax import config as config_lib
+from train_runs import checkpoint_steps, make_tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ("sd35m_geneval", "sd35m_ocr", "sd35m_pickscore")
@@ -136,3 +137,10 @@ def test_workdir_from_another_config_refuses_to_resume(tmp_path):
     assert "train.learning_rate: 0.001 -> 0.0003" in refused.stderr
     assert "--allow_config_change" in refused.stderr
     assert not (workdir / "checkpoints").exists()
+
+    model = make_tiny_model(tmp_path / "model")
+    allowed = _train_cli("--workdir", str(workdir), "--allow_config_change",
+                         f"--config.model.path={model}", "--config.num_epochs=0")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 3e-4
+    assert checkpoint_steps(workdir) == [0]
