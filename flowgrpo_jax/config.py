@@ -89,6 +89,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.reward.url = ""  # a running reward server; "" starts a local one per process
     c.reward.options = ml_collections.ConfigDict()  # {"pickscore": {"model": "/path"}}
     c.reward.plugins = ()  # modules or .py files registering more rewards
+    c.reward.overlap = True  # score chunk i while chunk i+1 samples (False: wait each chunk)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: the devices left after fsdp

@@ -280,6 +280,8 @@ class Trainer:
                 noise, prompts, kind=s.kind, window=self.window)
             images = self._images(out.final_latents)
             futures.append(self.rewards.submit(images, prompts, metadata))  # scored meanwhile
+            if not self.config.reward.overlap:
+                futures[-1].result()
             records.append((out.latents, out.next_latents, out.log_probs, out.sigmas,
                             out.next_sigmas, text))
             local_prompts.append(prompts)
