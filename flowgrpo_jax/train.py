@@ -134,6 +134,22 @@ def _noise(key, ids, shape):
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(ids)
 
 
+def update_order(keep: np.ndarray, *, seed: int, epoch: int, drop_zero_std: bool):
+    """The epoch's samples in shuffled order, to be cut into equal update slices.
+
+    With `drop_zero_std`, samples of groups whose rewards were all equal (keep False) are left
+    out and the kept ones are cycled to fill the epoch's size, so batch shapes (hence compiled
+    steps) never change; None when no sample is left to learn from.
+    """
+    order = np.random.default_rng([seed, epoch, _SHUFFLE]).permutation(keep.size)
+    if drop_zero_std:
+        order = order[keep[order]]
+        if order.size == 0:
+            return None
+        order = np.resize(order, keep.size)
+    return order
+
+
 @dataclasses.dataclass
 class _Model:
     """The generator split for training: what trains, what stays, and how to run it."""
@@ -301,19 +317,6 @@ class Trainer:
                       for name in results[0].components}
         return total, components
 
-    def _update_order(self, advantages) -> np.ndarray | None:
-        """Shuffled sample indices, `updates_per_epoch` slices of equal size. Dropping
-        zero-std groups fills the fixed batch by cycling the kept samples (shapes, hence
-        compiled steps, stay the same); None when nothing is left to learn from."""
-        rng = np.random.default_rng([self.config.seed, self.epoch, _SHUFFLE])
-        order = rng.permutation(self.sizes["epoch"])
-        if self.config.train.drop_zero_std_groups:
-            order = order[advantages.keep[order]]
-            if order.size == 0:
-                return None
-            order = np.resize(order, self.sizes["epoch"])
-        return order
-
     def train_epoch(self, stop: _StopFlag) -> dict | None:
         """One epoch; returns its metrics, or None when stopped before its updates."""
         s, t = self.config.sample, self.config.train
@@ -344,7 +347,8 @@ class Trainer:
         if _all_processes_any(stop.requested):
             return None
         train_started = time.perf_counter()
-        order = self._update_order(advantages)
+        order = update_order(advantages.keep, seed=self.config.seed, epoch=self.epoch,
+                             drop_zero_std=t.drop_zero_std_groups)
         if order is not None:
             data = self._concat(records)
             data = (*data[:5], data[5], _replicate(advantages.advantages, self.mesh))

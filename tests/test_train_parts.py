@@ -6,6 +6,7 @@ import pytest
 
 from flowgrpo_jax.logging_utils import MetricWriter, image_grid
 from flowgrpo_jax.prompts import epoch_prompt_indices, load_prompts
+from flowgrpo_jax.train import update_order
 
 
 def test_geneval_and_text_prompt_files(tmp_path):
@@ -61,3 +62,15 @@ def test_metric_writer_writes_tensorboard_events_on_process_0_only(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     MetricWriter(str(tmp_path / "off"), enabled=False).scalars(0, {"x": 1.0})
     assert not (tmp_path / "off").exists()
+
+
+def test_update_order_shuffles_and_drops_zero_std_groups():
+    keep = np.array([True] * 8 + [False] * 4 + [True] * 4)
+    order = update_order(keep, seed=0, epoch=1, drop_zero_std=False)
+    assert sorted(order.tolist()) == list(range(16))
+    assert not np.array_equal(order, np.arange(16))
+    assert np.array_equal(order, update_order(keep, seed=0, epoch=1, drop_zero_std=False))
+    dropped = update_order(keep, seed=0, epoch=1, drop_zero_std=True)
+    assert dropped.size == 16 and keep[dropped].all()  # the 12 kept, cycled to fill 16
+    assert set(dropped.tolist()) == set(np.flatnonzero(keep).tolist())
+    assert update_order(np.zeros(16, bool), seed=0, epoch=1, drop_zero_std=True) is None
