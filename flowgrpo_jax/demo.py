@@ -1,0 +1,208 @@
+"""The built-in default (`make demo`): Flow-GRPO on the toy world, base vs trained, on a CPU.
+
+    python -m flowgrpo_jax.demo [--workdir runs/demo] [--config configs/toy_geneval.py[:variant]]
+        [--config.key=value ...] [--images_per_prompt 1] [--overwrite]
+
+1. evaluates the base model (the config's `model`): strict and partial accuracy of the toy
+   checker on the test prompts, ODE at `sample.eval_num_steps`, image j of prompt i from noise
+   seeded by (seed, i, j) (`evaluate.evaluate`);
+2. trains with `flowgrpo_jax.train.Trainer` (rewards from the local reward process);
+3. evaluates the trained EMA params of the last checkpoint the same way, on the same noise;
+4. prints a per-category table and writes to the workdir: `results.json` (every number, the
+   per-epoch metrics and the phase times), `reward_curve.png` (train reward per epoch, eval
+   accuracy points), `grid_base.png` / `grid_trained.png` (the same prompts and seeds) and
+   `before_after.png` (both side by side, one labelled row per prompt).
+"""
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from PIL import Image
+
+from flowgrpo_jax import evaluate as ev
+from flowgrpo_jax import plot
+from flowgrpo_jax.generator import load_generator
+from flowgrpo_jax.logging_utils import image_grid
+from flowgrpo_jax.toy.prompts import TAGS, load_prompts
+from flowgrpo_jax.train import Trainer
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "toy_geneval.py")
+STRICT = "toy_geneval/strict"  # the reward's strict sub-score, as the trainer logs it
+
+
+class RecordingTrainer(Trainer):
+    """The trainer, keeping every logged metrics dict as {"epoch": e, **metrics}."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.history = []
+
+    def _log(self, metrics: dict, step: int | None = None) -> None:
+        super()._log(metrics, step)
+        epoch = self.epoch if step is None else step
+        self.history.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
+
+
+def train(config, workdir: str) -> tuple[list[dict], float]:
+    """Runs the trainer to config.num_epochs; (logged metrics, seconds)."""
+    start = time.perf_counter()
+    trainer = RecordingTrainer(config, workdir)
+    trainer.run()
+    return trainer.history, time.perf_counter() - start
+
+
+def grid_rows(metadata: list[dict], per_tag: int) -> list[int]:
+    """The first `per_tag` test lines of every tag, tags in TAGS order."""
+    rows = []
+    for tag in TAGS:
+        rows += [i for i, m in enumerate(metadata) if m.get("tag") == tag][:per_tag]
+    return rows
+
+
+def evaluate_model(config, generator, params, velocity_fn, metadata, *, images_per_prompt: int,
+                   seed: int, desc: str):
+    print(f"-- evaluating the {desc} model: {len(metadata)} test prompts x {images_per_prompt}, "
+          f"ODE {config.sample.eval_num_steps} steps, CFG {config.sample.guidance_scale}", flush=True)
+    return ev.evaluate(generator, params, metadata, num_steps=config.sample.eval_num_steps,
+                       guidance_scale=config.sample.guidance_scale, images_per_prompt=images_per_prompt,
+                       seed=seed, batch_size=config.sample.eval_batch_size, velocity_fn=velocity_fn)
+
+
+def reward_curve(history: list[dict], base: dict, trained: dict, num_epochs: int):
+    """Train reward per epoch (lines) and strict test accuracy (points)."""
+    epochs = [h for h in history if "reward/total_mean" in h]
+    lines = {"train reward (partial credit), mean per epoch":
+             ([h["epoch"] for h in epochs], [h["reward/total_mean"] for h in epochs])}
+    if epochs and f"reward/{STRICT}_mean" in epochs[0]:
+        lines["train strict accuracy, mean per epoch"] = (
+            [h["epoch"] for h in epochs], [h[f"reward/{STRICT}_mean"] for h in epochs])
+    points = {"strict test accuracy (all test prompts, before / after)":
+              ([0, num_epochs], [base["strict"], trained["strict"]])}
+    evals = [h for h in history if f"eval/{STRICT}_mean" in h]
+    if evals:
+        points["strict accuracy during training (trainer's eval subset)"] = (
+            [h["epoch"] for h in evals], [h[f"eval/{STRICT}_mean"] for h in evals])
+    return plot.line_chart(lines, points=points, title="Flow-GRPO on the toy world",
+                           xlabel="epoch", ylabel="reward / accuracy")
+
+
+def table(base: dict, trained: dict) -> str:
+    lines = [f"{'category':14s} {'base':>6s} {'trained':>8s} {'change':>7s}   (strict accuracy)"]
+    for tag in base["per_tag"]:
+        b, t = base["per_tag"][tag]["strict"], trained["per_tag"][tag]["strict"]
+        lines.append(f"{tag:14s} {b:6.3f} {t:8.3f} {t - b:+7.3f}")
+    lines.append(f"{'overall':14s} {base['strict']:6.3f} {trained['strict']:8.3f} "
+                 f"{trained['strict'] - base['strict']:+7.3f}")
+    return "\n".join(lines)
+
+
+def _summary(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "per_prompt"}
+
+
+def write_figures(workdir: str, metadata, rows, base_images, trained_images) -> None:
+    """grid_base.png / grid_trained.png (one row per prompt) and before_after.png."""
+    for name, images in (("grid_base.png", base_images), ("grid_trained.png", trained_images)):
+        picked = images[rows]
+        Image.fromarray(image_grid(picked.reshape(-1, *picked.shape[2:]), columns=picked.shape[1])
+                        ).save(os.path.join(workdir, name))
+    labels = [f"[{metadata[i]['tag']}] {metadata[i]['prompt'].removeprefix('a photo of ')}" for i in rows]
+    plot.labelled_rows([[base_images[i], trained_images[i]] for i in rows], labels, scale=2,
+                       column_titles=["base", "trained (Flow-GRPO)"]
+                       ).save(os.path.join(workdir, "before_after.png"))
+
+
+def run(config, workdir: str, *, images_per_prompt: int = 1, num_test_prompts: int = 0,
+        grid_per_tag: int = 2, grid_images: int = 4, seed: int = 0) -> dict:
+    """The whole demo; returns what results.json holds."""
+    started = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    metadata = load_prompts(config.prompts.test_file)[:num_test_prompts or None]
+    rows = grid_rows(metadata, grid_per_tag)
+    times = {}
+
+    base_gen = load_generator(config.model)
+    base_params, base_velocity = nnx.state(base_gen.model), ev.velocity_function(base_gen)
+    t = time.perf_counter()
+    base, _ = evaluate_model(config, base_gen, base_params, base_velocity, metadata,
+                             images_per_prompt=images_per_prompt, seed=seed, desc="base")
+    times["eval_base_s"] = time.perf_counter() - t
+    print(f"base strict accuracy {base['strict']:.3f}", flush=True)
+
+    print(f"-- training: {config.num_epochs} epochs of {config.sample.groups_per_epoch} prompts x "
+          f"{config.sample.group_size} images", flush=True)
+    history, times["train_s"] = train(config, workdir)
+
+    _, gen, params, velocity = ev.load_workdir(workdir)
+    t = time.perf_counter()
+    trained, _ = evaluate_model(config, gen, params, velocity, metadata,
+                                images_per_prompt=images_per_prompt, seed=seed, desc="trained (EMA)")
+    times["eval_trained_s"] = time.perf_counter() - t
+
+    # Grids: more seeds of a few prompts per category, the same noise for both models.
+    grid_meta = [metadata[i] for i in rows]
+    _, base_images = evaluate_model(config, base_gen, base_params, base_velocity, grid_meta,
+                                    images_per_prompt=grid_images, seed=seed, desc="base (grid)")
+    _, trained_images = evaluate_model(config, gen, params, velocity, grid_meta,
+                                       images_per_prompt=grid_images, seed=seed, desc="trained (grid)")
+    write_figures(workdir, grid_meta, list(range(len(rows))), base_images, trained_images)
+    reward_curve(history, base, trained, config.num_epochs).save(os.path.join(workdir, "reward_curve.png"))
+    times["total_s"] = time.perf_counter() - started
+
+    results = {"base": base, "trained": trained, "history": history,
+               "seconds": {k: round(v, 1) for k, v in times.items()},
+               "eval": {"num_prompts": len(metadata), "images_per_prompt": images_per_prompt,
+                        "num_steps": config.sample.eval_num_steps,
+                        "guidance_scale": config.sample.guidance_scale, "seed": seed},
+               "config": config.to_dict(), "cpu_load_avg": list(os.getloadavg()),
+               "devices": [str(d) for d in jax.devices()]}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(table(_summary(base), _summary(trained)))
+    print(f"demo finished in {times['total_s']:.0f} s; figures and results.json in {workdir}")
+    return results
+
+
+# Own flag set: flowgrpo_jax.train defines --config and --workdir on absl's global one.
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "configs/NAME.py[:variant]",
+                                          flag_values=FLAGS)
+flags.DEFINE_string("workdir", "runs/demo", "training run, figures and results.json", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "delete an existing workdir first", flag_values=FLAGS)
+flags.DEFINE_integer("images_per_prompt", 1, "eval images per test prompt", flag_values=FLAGS)
+flags.DEFINE_integer("num_test_prompts", 0, "the first N test prompts only; 0: all", flag_values=FLAGS)
+flags.DEFINE_integer("grid_per_tag", 2, "prompts per category in the image grids", flag_values=FLAGS)
+flags.DEFINE_integer("grid_images", 4, "seeds per prompt in the image grids", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the eval noise", flag_values=FLAGS)
+
+
+def main(argv=None) -> int:
+    try:
+        FLAGS(sys.argv if argv is None else argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    workdir = FLAGS.workdir
+    if os.path.exists(workdir) and os.listdir(workdir):
+        if not FLAGS.overwrite:
+            print(f"error: {workdir} is not empty (a previous demo?); pass --overwrite to delete it "
+                  f"or --workdir to use another folder", file=sys.stderr)
+            return 2
+        shutil.rmtree(workdir)
+    run(_CONFIG.value, workdir, images_per_prompt=FLAGS.images_per_prompt,
+        num_test_prompts=FLAGS.num_test_prompts, grid_per_tag=FLAGS.grid_per_tag,
+        grid_images=FLAGS.grid_images, seed=FLAGS.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
