@@ -56,7 +56,7 @@ def parse_value(config, key: str, text: str):
         try:
             return type(current)(text)
         except ValueError:
-            raise ValueError(f"{key}={text!r}: expected a {type(current).__name__}") from None
+            raise ValueError(f"{key}={text!r}: expected {type(current).__name__}") from None
     raise ValueError(f"{key} holds a {type(current).__name__}; only bool, int, float and str keys "
                      f"can be set from the command line")
 

@@ -1,0 +1,56 @@
+"""tools/ablate.py on a 2-point grid of tiny runs (the brightness reward on a tiny random model),
+and its value parsing."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train_runs import ROOT, make_tiny_model, train_env
+
+sys.path.insert(0, str(ROOT / "tools"))
+import ablate  # noqa: E402
+
+
+def test_two_point_grid_runs_tables_and_plots(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    out = tmp_path / "ablate"
+    command = [sys.executable, "tools/ablate.py", "--config", "configs/toy_geneval.py:tiny",
+               "--grid", "sample.noise_level=0.5,1.0",
+               "--set", f"model.path={model}", "reward.rewards=brightness:1.0", "num_epochs=3",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=train_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((out / "ablate.json").read_text())["runs"]
+    assert [r["overrides"] for r in runs] == [{"sample.noise_level": 0.5}, {"sample.noise_level": 1.0}]
+    for run in runs:
+        # each run trained with its own value, the fixed ones, and all its epochs
+        saved = json.loads((out / run["name"] / "config.json").read_text())
+        assert saved["sample"]["noise_level"] == run["overrides"]["sample.noise_level"]
+        assert saved["reward"]["rewards"] == "brightness:1.0"
+        rewards = [h["reward/total_mean"] for h in run["history"] if "reward/total_mean" in h]
+        assert len(rewards) == 3
+        assert run["summary"]["final_reward"] == pytest.approx(np.mean(rewards))
+        assert f"{run['summary']['final_reward']:.3f}" in result.stdout
+    table = result.stdout[result.stdout.index("sample.noise_level  first reward"):]
+    assert [line.split()[0] for line in table.splitlines()[1:3]] == ["0.5", "1.0"]
+    assert Image.open(out / "ablate.png").size[0] > 0
+
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=train_env())
+    assert again.returncode == 2 and "fresh --out" in again.stderr
+
+
+def test_values_take_the_type_of_the_key():
+    config = ablate.load_config("configs/toy_geneval.py:tiny")
+    assert ablate.parse_value(config, "train.beta", "0") == 0.0 and isinstance(
+        ablate.parse_value(config, "train.beta", "0"), float)
+    assert ablate.parse_value(config, "sample.group_size", "6") == 6
+    assert ablate.parse_value(config, "train.ema", "false") is False
+    with pytest.raises(KeyError, match="train.betta"):
+        ablate.parse_value(config, "train.betta", "0")
+    with pytest.raises(ValueError, match="expected int"):
+        ablate.parse_value(config, "sample.group_size", "2.5")
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        ablate.parse_assignment("train.beta")
