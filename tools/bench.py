@@ -20,7 +20,9 @@ a diffusers `SD3Transformer2DModel` with random init is converted in memory to o
 Each side is warmed up first; JAX's trace+compile time is reported apart; the figures are
 medians of --repeats timed calls (JAX: block_until_ready; torch: cuda synchronize). On CPU,
 torch gets as many threads as cores XLA uses (the process's CPU affinity) unless --threads
-says otherwise. The JSON (--out) also holds how closely the two sides agree.
+says otherwise. On a CPU shared with other processes, torch's OpenMP threads spin-wait and
+collapse; run with OMP_WAIT_POLICY=PASSIVE, or pin both to one core with `taskset -c 0`, to
+compare compute (docs/benchmarks.md). The JSON (--out) also holds how closely the two sides agree.
 
 --config sd35m is the real SD3.5-Medium transformer (random weights, 512 px = 64x64 latents,
 bf16, 77 CLIP + 128 T5 text tokens) and needs a GPU; without one it only checks the shapes of
@@ -132,7 +134,9 @@ def build_torch_model(model_config: dict, seed: int, dtype: str, device):
     torch.manual_seed(seed)
     with torch.device(device):
         model = SD3Transformer2DModel(**model_config)
-    return model.to(getattr(torch, dtype)).eval()
+    if dtype != "float32":  # (a cast diffusers warns about even when it is a no-op)
+        model = model.to(getattr(torch, dtype))
+    return model.eval()
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -482,7 +486,7 @@ def format_table(result: dict) -> str:
         f"rollout {c['rollout']['trace']:.1f}+{c['rollout']['compile']:.1f} s, loss step "
         f"{c['loss_step']['trace']:.1f}+{c['loss_step']['compile']:.1f} s",
         f"device: jax {result['device']['jax']}, torch {result['device']['torch']} "
-        f"({result['torch_threads']} threads = the {result['device']['cpu_count']} CPUs XLA uses)"
+        f"(torch threads: {result['torch_threads']}; CPUs XLA uses: {result['device']['cpu_count']})"
         if result["device"]["torch"] == "cpu" else
         f"device: jax {result['device']['jax']}, torch {result['device']['torch']}",
         f"agreement: final latents rel L2 {agree['final_latents_rel_l2']:.1e}, log-prob max diff "
