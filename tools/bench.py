@@ -316,7 +316,7 @@ def to_torch(tree, device):
 # ----------------------------------------------------------------------------- timing
 
 
-def median_time(fn, repeats: int, warmup: int, sync=lambda: None) -> list[float]:
+def timed_calls(fn, repeats: int, warmup: int, sync=lambda: None) -> list[float]:
     for _ in range(warmup):
         fn()
     sync()
@@ -381,7 +381,7 @@ def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str,
     jax_rollout, trace_rollout, compile_rollout = compile_timed(
         make_jax_rollout(velocity_fn, sigmas), *rollout_args)
     jax_out = jax_rollout(*rollout_args)
-    jax_rollout_times = median_time(lambda: jax.block_until_ready(jax_rollout(*rollout_args)), repeats, warmup)
+    jax_rollout_times = timed_calls(lambda: jax.block_until_ready(jax_rollout(*rollout_args)), repeats, warmup)
 
     torch_sigmas = torch.from_numpy(sigmas).to(device)
     torch_inputs = to_torch(dict(latents=inputs["latents"], noise=inputs["noise"], text=inputs["text"],
@@ -389,7 +389,7 @@ def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str,
     torch_args = (policy_torch, torch_inputs["latents"], torch_inputs["text"], torch_inputs["uncond"],
                   torch_sigmas, torch_inputs["noise"], torch_dtype)
     torch_out = torch_rollout(*torch_args)
-    torch_rollout_times = median_time(lambda: torch_rollout(*torch_args), repeats, warmup, sync)
+    torch_rollout_times = timed_calls(lambda: torch_rollout(*torch_args), repeats, warmup, sync)
 
     # (c) loss steps on the same stored transition of our rollout
     batch = loss_batch(jax_out, inputs, text, uncond)
@@ -397,7 +397,7 @@ def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str,
     jax_loss_step, trace_loss, compile_loss = compile_timed(
         make_jax_loss_step(velocity_fn, sigmas[1]), *loss_args)
     (jax_loss, jax_stats), jax_grads = jax_loss_step(*loss_args)
-    jax_loss_times = median_time(lambda: jax.block_until_ready(jax_loss_step(*loss_args)), repeats, warmup)
+    jax_loss_times = timed_calls(lambda: jax.block_until_ready(jax_loss_step(*loss_args)), repeats, warmup)
 
     torch_batch = to_torch({k: v for k, v in batch.items() if k not in ("text", "uncond")}, device)
     torch_batch.update(text=torch_inputs["text"], uncond=torch_inputs["uncond"])
@@ -405,7 +405,7 @@ def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str,
     torch_loss, torch_policy_loss, torch_kl = torch_loss_step(policy_torch, ref_torch, torch_batch,
                                                               torch_sigma_max, torch_dtype)
     torch_grad = torch_grad_norm(policy_torch)
-    torch_loss_times = median_time(
+    torch_loss_times = timed_calls(
         lambda: torch_loss_step(policy_torch, ref_torch, torch_batch, torch_sigma_max, torch_dtype),
         repeats, warmup, sync)
 
