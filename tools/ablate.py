@@ -9,7 +9,8 @@ training run of the config with those values and the fixed `--set` ones, in OUT/
 type of the key's current value (bool, int, float, str). Results: a table on stdout,
 OUT/ablate.json (every run's overrides, per-epoch reward means and summary) and OUT/ablate.png
 (the reward mean per epoch of every run). A run's "final reward" is the mean of its last
-`--last` epochs' reward means; "eval strict" is the trainer's last eval (when eval_every > 0).
+`--last` epochs' reward means; "eval strict" is the trainer's last eval (when eval_every > 0);
+"epoch s" and "rollout s" (sampling plus the wait for the last rewards) are medians over epochs.
 """
 import argparse
 import importlib.util
@@ -86,22 +87,26 @@ def run_name(overrides: dict) -> str:
 def summarize(history: list[dict], last: int) -> dict:
     rewards = [h["reward/total_mean"] for h in history if "reward/total_mean" in h]
     evals = [h[f"eval/{STRICT}_mean"] for h in history if f"eval/{STRICT}_mean" in h]
-    seconds = [h["time/epoch_s"] for h in history if "time/epoch_s" in h]
+    epochs = [h for h in history if "time/epoch_s" in h]
+    # rollout = sampling + waiting for the last rewards: the part reward.overlap changes
+    rollout = [h["time/sample_s"] + h["time/reward_wait_s"] for h in epochs]
     return {"first_reward": rewards[0] if rewards else None,
             "final_reward": float(np.mean(rewards[-last:])) if rewards else None,
             "eval_strict": evals[-1] if evals else None,
-            "median_epoch_s": float(np.median(seconds)) if seconds else None}
+            "median_epoch_s": float(np.median([h["time/epoch_s"] for h in epochs])) if epochs else None,
+            "median_rollout_s": float(np.median(rollout)) if epochs else None}
 
 
 def format_table(results: list[dict]) -> str:
     keys = list(results[0]["overrides"])
-    header = [*keys, "first reward", "final reward", "eval strict", "epoch s"]
+    header = [*keys, "first reward", "final reward", "eval strict", "epoch s", "rollout s"]
     rows = []
     for r in results:
         s = r["summary"]
         rows.append([str(r["overrides"][k]) for k in keys] + [
-            "-" if s[name] is None else f"{s[name]:.3f}" if name != "median_epoch_s" else f"{s[name]:.1f}"
-            for name in ("first_reward", "final_reward", "eval_strict", "median_epoch_s")])
+            "-" if s[name] is None else f"{s[name]:.2f}" if name.endswith("_s") else f"{s[name]:.3f}"
+            for name in ("first_reward", "final_reward", "eval_strict", "median_epoch_s",
+                         "median_rollout_s")])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
