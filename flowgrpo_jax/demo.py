@@ -51,11 +51,18 @@ class RecordingTrainer(Trainer):
         self.history.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
 
 
+class TrainingStopped(RuntimeError):
+    """The trainer stopped before config.num_epochs (SIGTERM); its checkpoint is saved."""
+
+
 def train(config, workdir: str) -> tuple[list[dict], float]:
     """Runs the trainer to config.num_epochs; (logged metrics, seconds)."""
     start = time.perf_counter()
     trainer = RecordingTrainer(config, workdir)
     trainer.run()
+    if trainer.epoch < config.num_epochs:
+        raise TrainingStopped(f"training in {workdir} stopped at epoch {trainer.epoch} of "
+                              f"{config.num_epochs}")
     return trainer.history, time.perf_counter() - start
 
 
@@ -198,9 +205,13 @@ def main(argv=None) -> int:
                   f"or --workdir to use another folder", file=sys.stderr)
             return 2
         shutil.rmtree(workdir)
-    run(_CONFIG.value, workdir, images_per_prompt=FLAGS.images_per_prompt,
-        num_test_prompts=FLAGS.num_test_prompts, grid_per_tag=FLAGS.grid_per_tag,
-        grid_images=FLAGS.grid_images, seed=FLAGS.seed)
+    try:
+        run(_CONFIG.value, workdir, images_per_prompt=FLAGS.images_per_prompt,
+            num_test_prompts=FLAGS.num_test_prompts, grid_per_tag=FLAGS.grid_per_tag,
+            grid_images=FLAGS.grid_images, seed=FLAGS.seed)
+    except TrainingStopped as e:
+        print(f"demo stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,8 +7,9 @@ COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 _WIDTH, _HEIGHT, _MARGIN, _LEGEND_ROW = 720, 420, 60, 16
 
 
-def _ticks(lo: float, hi: float, count: int = 5) -> np.ndarray:
-    return np.linspace(lo, hi, count)
+def _integer_ticks(lo: float, hi: float, count: int = 8) -> np.ndarray:
+    step = max(1, int(np.ceil((hi - lo) / count)))
+    return np.arange(np.ceil(lo), hi + 1e-9, step)
 
 
 def line_chart(lines: dict, *, points: dict | None = None, title: str = "", xlabel: str = "",
@@ -23,8 +24,9 @@ def line_chart(lines: dict, *, points: dict | None = None, title: str = "", xlab
     all_x = np.concatenate([np.asarray(xs, float) for _, xs, _, _ in series])
     all_y = np.concatenate([np.asarray(ys, float) for _, _, ys, _ in series])
     x_lo, x_hi = all_x.min(), max(all_x.max(), all_x.min() + 1)
-    y_lo, y_hi = min(0.0, all_y.min()), max(all_y.max(), 1e-6)
-    y_hi += 0.05 * (y_hi - y_lo)
+    y_lo, y_hi = all_y.min(), all_y.max()
+    pad = max(0.05 * (y_hi - y_lo), 0.01)  # a flat series still gets an axis of some height
+    y_lo, y_hi = y_lo - pad, y_hi + pad
     legend_height = _LEGEND_ROW * len(series) + 8
     image = Image.new("RGB", (_WIDTH, _HEIGHT + legend_height), "white")
     draw = ImageDraw.Draw(image)
@@ -36,11 +38,11 @@ def line_chart(lines: dict, *, points: dict | None = None, title: str = "", xlab
                 bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
     draw.rectangle((left, top, right, bottom), outline="black")
-    for y in _ticks(y_lo, y_hi):
+    for y in np.linspace(y_lo, y_hi, 6):
         _, py = to_px(x_lo, y)
         draw.line((left - 4, py, right, py), fill=(225, 225, 225))
-        draw.text((4, py - 6), f"{y:.2f}", fill="black", font=font)
-    for x in _ticks(x_lo, x_hi):
+        draw.text((4, py - 6), f"{y:.3f}", fill="black", font=font)
+    for x in _integer_ticks(x_lo, x_hi):
         px, _ = to_px(x, y_lo)
         draw.line((px, bottom, px, bottom + 4), fill="black")
         draw.text((px - 8, bottom + 6), f"{x:.0f}", fill="black", font=font)

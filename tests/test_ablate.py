@@ -1,8 +1,10 @@
 """tools/ablate.py on a 2-point grid of tiny runs (the brightness reward on a tiny random model),
 and its value parsing."""
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -54,3 +56,22 @@ def test_values_take_the_type_of_the_key():
         ablate.parse_value(config, "sample.group_size", "2.5")
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         ablate.parse_assignment("train.beta")
+
+
+def test_sigterm_stops_the_grid_after_saving(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    out = tmp_path / "ablate"
+    command = [sys.executable, "tools/ablate.py", "--config", "configs/toy_geneval.py:tiny",
+               "--grid", "train.beta=0,0.04", "--set", f"model.path={model}",
+               "reward.rewards=brightness:1.0", "num_epochs=1000", "save_every=1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=train_env())
+    first = out / "beta=0.0" / "checkpoints"
+    deadline = time.time() + 120
+    while not (first.exists() and any(p.name.isdigit() for p in first.iterdir())):
+        assert process.poll() is None and time.time() < deadline, "no checkpoint written"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "grid stopped" in stderr
+    assert not (out / "beta=0.04").exists() and not (out / "ablate.json").exists()

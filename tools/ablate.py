@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from flowgrpo_jax import plot
-from flowgrpo_jax.demo import DEFAULT_CONFIG, STRICT, train
+from flowgrpo_jax.demo import DEFAULT_CONFIG, STRICT, TrainingStopped, train
 
 
 def load_config(spec: str):
@@ -153,7 +153,11 @@ def main(argv=None) -> int:
         name = run_name(overrides)
         print(f"-- run {len(results) + 1}: {name}", flush=True)
         started = time.perf_counter()
-        history, _ = train(apply(config, overrides), os.path.join(args.out, name))
+        try:
+            history, _ = train(apply(config, overrides), os.path.join(args.out, name))
+        except TrainingStopped as e:
+            print(f"grid stopped: {e}", file=sys.stderr)
+            return 1
         results.append({"name": name, "overrides": overrides, "history": history,
                         "summary": summarize(history, args.last),
                         "seconds": round(time.perf_counter() - started, 1)})
