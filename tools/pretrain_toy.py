@@ -2,9 +2,10 @@
 
 Each step draws a batch of train prompts, renders a fresh scene that satisfies each one
 (`sample_images`), and regresses the rectified-flow velocity as SD3 does: x_s = (1-s) x0 + s eps,
-target v = eps - x0, s logit-normal, the MMDiT's time input 1000*s. The text is replaced by the
-empty prompt with probability `cfg_dropout`, so the model also learns the unconditional
-velocity that classifier-free guidance needs. AdamW at a constant rate after a linear warmup,
+target v = eps - x0, the MMDiT's time input 1000*s; s is uniform then shifted like the
+sampler's schedule, and the error is weighted by s^2 (see `flow_matching_loss` for both
+choices). The text is replaced by the empty prompt with probability `cfg_dropout`, so the
+model also learns the unconditional velocity that classifier-free guidance needs. AdamW at a constant rate after a linear warmup,
 so a run of N steps equals the first N steps of a longer run with the same seed (snapshots
 written with --save_every are the checkpoints of shorter runs).
 
@@ -12,9 +13,20 @@ Reproduce the shipped base checkpoint (flowgrpo_jax/toy/checkpoint/):
 
     python tools/pretrain_toy.py --out flowgrpo_jax/toy/checkpoint
 
-with the defaults below (seed 0). Measured results are in the report printed by
-`python -m flowgrpo_jax.evaluate --model_path flowgrpo_jax/toy/checkpoint --prompts
-flowgrpo_jax/toy/data/test.jsonl --out base.json`; see RESULTS.
+with the defaults below: seed 0, 2000 steps of batch 32, AdamW lr 1e-3 (100 warmup steps,
+weight decay 1e-4, grad-norm clip 1), CFG dropout 0.1, the ToyModelConfig defaults (48 px,
+patch 6, width 96, 3 heads, 4 layers; text encoder width 64, 2 layers), 1.42 M parameters,
+5.7 MB. It was taken as the step-2000 snapshot of a seed-0 run (--save_every 250), which
+equals a 2000-step run by construction. Measured: about 11 min for 2000 steps on 2 shared CPU
+cores (0.2-0.5 s a step, depending on the load); the loss (mean of 20 steps) goes from 1.68 to 0.074.
+
+Measured accuracy (python -m flowgrpo_jax.evaluate --model_path flowgrpo_jax/toy/checkpoint
+--prompts flowgrpo_jax/toy/data/test.jsonl --out base.json --num_steps 20): strict 0.003,
+partial 0.016 over the 300 test lines (single_object 0.00, two_object 0.00, counting 0.00,
+colors 0.02, position 0.00, color_attr 0.00). The base model is far BELOW the intended 0.3-0.6:
+it denoises well from s <= 0.6 (layout given), but from pure noise it draws blobs of roughly the
+right colour and place that the checker does not accept as shapes. Snapshots at 750, 1250 and
+2750 steps score 0.03, 0.01 and 0.00 strict on the first 96 test lines.
 """
 import argparse
 import dataclasses
@@ -29,13 +41,11 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from flowgrpo_jax.sampling.schedule import shift_sigmas
 from flowgrpo_jax.toy.model import ToyModel, ToyModelConfig, save
 from flowgrpo_jax.toy.prompts import DATA_DIR, load_prompts
 from flowgrpo_jax.toy.scenes import sample_images
 from flowgrpo_jax.toy.text import Tokenizer
-
-RESULTS = """(filled in after measuring)"""
-
 
 def to_latents(images: np.ndarray) -> np.ndarray:
     """uint8 NHWC images -> float32 latents in [-1, 1]."""
@@ -43,14 +53,21 @@ def to_latents(images: np.ndarray) -> np.ndarray:
 
 
 def flow_matching_loss(model: ToyModel, x0, ids, mask, key):
-    """Mean squared error of the predicted velocity at a logit-normal time s."""
+    """Error of the predicted velocity, weighted by s^2, at a time s = shift(u), u uniform.
+
+    Times: not SD3's logit-normal s, which almost never draws s > 0.9, where the layout
+    (counts, positions) of a sample is decided; shifting uniform times like the sampler's
+    schedule spends training where sampling spends its steps. Weight: the model predicts x0
+    and v - v_hat = (x0_hat - x0) / s, so the plain velocity error would weight the nearly
+    clean times (s -> MIN_SIGMA) up to 400 times the noisy ones and leave the layout untrained
+    (samples come out as mosaics of patch-sized blobs); s^2 weighting is the x0 error."""
     s_key, noise_key = jax.random.split(key)
-    s = jax.nn.sigmoid(jax.random.normal(s_key, (x0.shape[0],)))
+    s = shift_sigmas(jax.random.uniform(s_key, (x0.shape[0],)), model.config.shift)
     noise = jax.random.normal(noise_key, x0.shape)
     s_b = s[:, None, None, None]
     x_s = (1 - s_b) * x0 + s_b * noise
     v = model.velocity(x_s, 1000.0 * s, ids, mask)
-    return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
+    return jnp.mean(jnp.square(s_b * (v.astype(jnp.float32) - (noise - x0))))
 
 
 def make_train_step(graphdef, optimizer):
@@ -120,7 +137,7 @@ def parse_args(argv):
     parser.add_argument("--prompts", default=str(DATA_DIR / "train.jsonl"))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--weight_decay", type=float, default=1e-4)
     parser.add_argument("--cfg_dropout", type=float, default=0.1)

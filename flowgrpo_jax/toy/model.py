@@ -42,7 +42,7 @@ class ToyModelConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = DEFAULT_MAX_LENGTH
-    shift: float = 1.0  # flow-match schedule shift: pixel latents this small need none
+    shift: float = 3.0  # flow-match shift of the sampler's schedule and of pretraining's times
 
     def mmdit_config(self, remat: bool = False) -> MMDiTConfig:
         if self.image_size % self.patch_size:
@@ -66,6 +66,16 @@ class ToyModelConfig:
         return cls(**values)
 
 
+def sincos_positions(grid: int, dim: int) -> np.ndarray:
+    """(grid*grid, dim) 2-D sin-cos position features: half the dims code the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"width {dim} is not a multiple of 4")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    rows, columns = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    angles = [pos.reshape(-1, 1) * omega for pos in (rows, columns)]
+    return np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1).astype(np.float32)
+
+
 class ToyModel(nnx.Module):
     """The two trained parts: `transformer` (velocity) and `text_encoder` (frozen during RL)."""
 
@@ -73,6 +83,12 @@ class ToyModel(nnx.Module):
                  param_dtype=jnp.float32):
         self.config = config
         self.transformer = MMDiT(config.mmdit_config(), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        # SD3 ships its position table as 2-D sin-cos values of magnitude ~1; the MMDiT's own
+        # init (N(0, 0.02), for converted weights) would leave the positions of a randomly
+        # initialised model drowned by the patches' noise, and the layout unlearnable.
+        grid = config.image_size // config.patch_size
+        self.transformer.pos_embed.pos_embed.set_value(
+            sincos_positions(grid, config.width)[None].astype(param_dtype))
         self.text_encoder = TextEncoder(
             Tokenizer(max_length=config.max_length).vocab_size, config.max_length,
             width=config.text_width, depth=config.text_layers, heads=config.text_heads,

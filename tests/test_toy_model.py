@@ -1,0 +1,94 @@
+"""The toy model: shipped checkpoint, Generator interface, save/load, and pretraining."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from flowgrpo_jax.generator import load_generator
+from flowgrpo_jax.toy import model as toy_model
+from flowgrpo_jax.toy.generator import to_uint8
+from flowgrpo_jax.toy.prompts import DATA_DIR, load_prompts
+from flowgrpo_jax.toy.text import Tokenizer
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import pretrain_toy  # noqa: E402
+
+TINY = toy_model.ToyModelConfig(image_size=24, patch_size=6, width=32, heads=2, layers=1,
+                                text_width=16, text_layers=1, text_heads=2)
+
+
+def test_shipped_checkpoint_gives_a_generator_with_the_right_shapes():
+    generator = load_generator(ml_collections.ConfigDict({"family": "toy"}))
+    with open(os.path.join(toy_model.SHIPPED, toy_model.CONFIG_FILE)) as f:
+        size = json.load(f)["image_size"]
+    assert generator.latent_shape == (size, size, 3)
+    h, w, c = generator.latent_shape
+    text = generator.encode(["a photo of a red circle", ""])
+    x = jax.random.normal(jax.random.key(0), (2, h, w, c))
+    apply = nnx.jit(generator.apply)  # eager, the MMDiT's hundreds of small ops are slow
+    v = apply(generator.model, x, jnp.array([1000.0, 500.0]), text)
+    assert v.shape == (2, h, w, c) and v.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(v)))
+    # conditioning matters: a prompt and the empty prompt give different velocities
+    v_empty = apply(generator.model, x, jnp.array([1000.0, 500.0]), generator.encode(["", ""]))
+    assert float(jnp.abs(v[0] - v_empty[0]).max()) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return toy_model.ToyModel(TINY, rngs=nnx.Rngs(3))
+
+
+def test_save_load_round_trip_is_exact(tmp_path, tiny_model):
+    model = tiny_model
+    toy_model.save(str(tmp_path), model)
+    loaded = toy_model.load(str(tmp_path))
+    ids, mask = Tokenizer(max_length=TINY.max_length).encode(["a photo of two squares"])
+    x = jax.random.normal(jax.random.key(1), (1, 24, 24, 3))
+    t = jnp.array([700.0])
+    velocity = nnx.jit(lambda m: m.velocity(x, t, ids, mask))
+    np.testing.assert_array_equal(velocity(model), velocity(loaded))
+
+
+def test_load_names_missing_and_misshaped_params(tmp_path, tiny_model):
+    toy_model.save(str(tmp_path), tiny_model)
+    params = dict(np.load(tmp_path / toy_model.PARAMS_FILE))
+    dropped = "transformer/proj_out/bias"
+    del params[dropped]
+    params["text_encoder/position"] = np.zeros((3, 3), np.float32)
+    np.savez(tmp_path / toy_model.PARAMS_FILE, **params)
+    with pytest.raises(ValueError, match="missing.*proj_out/bias.*wrong shape.*text_encoder/position"):
+        toy_model.load(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        toy_model.load(str(tmp_path / "nothing"))
+
+
+def test_decode_clips_to_uint8():
+    images = to_uint8(np.array([[[[-2.0, -1.0, 0.0], [1.0, 3.0, 0.5]]]]))
+    np.testing.assert_array_equal(images, [[[[0, 0, 128], [255, 255, 191]]]])
+    assert images.dtype == np.uint8
+
+
+def test_short_pretraining_decreases_the_loss():
+    prompts = load_prompts(DATA_DIR / "train.jsonl")[:64]
+    x0, texts = pretrain_toy.Batches(prompts, 16, 0.0, seed=123, image_size=TINY.image_size).next()
+    held_out = (jnp.asarray(x0),) + Tokenizer(max_length=TINY.max_length).encode(texts)
+
+    @nnx.jit
+    def loss_of(model):  # mean over several noise draws: one draw is too noisy to compare
+        return jnp.mean(jnp.stack([pretrain_toy.flow_matching_loss(model, *held_out, jax.random.key(k))
+                                   for k in range(8)]))
+
+    before = loss_of(toy_model.ToyModel(TINY, rngs=nnx.Rngs(0)))
+    model, losses = pretrain_toy.pretrain(
+        TINY, prompts, steps=30, batch_size=16, lr=3e-3, warmup=5, weight_decay=1e-4, cfg_dropout=0.1,
+        seed=0, progress=False)
+    assert len(losses) == 30 and np.all(np.isfinite(losses))
+    after = loss_of(model)
+    assert after < 0.7 * before, (before, after)
