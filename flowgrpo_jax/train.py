@@ -151,7 +151,7 @@ def update_order(keep: np.ndarray, *, seed: int, epoch: int, drop_zero_std: bool
 
 
 @dataclasses.dataclass
-class _Model:
+class TrainableModel:
     """The generator split for training: what trains, what stays, and how to run it."""
 
     velocity: object  # velocity_fn((trainable, frozen), x, t, text)
@@ -159,7 +159,7 @@ class _Model:
     frozen: object
 
 
-def _build_model(config, generator) -> _Model:
+def build_trainable_model(config, generator) -> TrainableModel:
     if config.lora.enabled:
         apply_lora(generator.model, rank=config.lora.rank, alpha=config.lora.alpha,
                    rngs=nnx.Rngs(config.seed), targets=tuple(config.lora.targets))
@@ -167,7 +167,7 @@ def _build_model(config, generator) -> _Model:
     else:
         graphdef, trainable, frozen = ts.split_model(
             generator.model, lora=False, params=nnx.All(nnx.Param, nnx.Not(Buffer)))
-    return _Model(ts.nnx_velocity(graphdef, generator.apply), trainable, frozen)
+    return TrainableModel(ts.nnx_velocity(graphdef, generator.apply), trainable, frozen)
 
 
 class Trainer:
@@ -182,7 +182,7 @@ class Trainer:
 
         self.generator = load_generator(config.model)
         self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        model = _build_model(config, self.generator)
+        model = build_trainable_model(config, self.generator)
         self.velocity = model.velocity
         self.optimizer = ts.make_optimizer(t.learning_rate, t.adam_b1, t.adam_b2, t.weight_decay,
                                            t.adam_eps, t.max_grad_norm)
