@@ -7,7 +7,6 @@ Several images (--num_images) go into one PNG as a grid. Convert a diffusers dow
 with tools/convert_weights.py.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -16,22 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from flowgrpo_jax.logging_utils import image_grid
 from flowgrpo_jax.models import load_pipeline
 from flowgrpo_jax.pipeline import SAMPLERS, sample
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) -> one image, ceil(sqrt(N)) columns, unused cells black."""
-    count, height, width, channels = images.shape
-    columns = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    grid = np.zeros((rows * height, columns * width, channels), images.dtype)
-    for i, image in enumerate(images):
-        row, column = divmod(i, columns)
-        grid[row * height:(row + 1) * height, column * width:(column + 1) * width] = image
-    return grid
 
 
 def parse_args(argv):
