@@ -46,7 +46,7 @@ def line_chart(lines: dict, *, points: dict | None = None, title: str = "", xlab
         px, _ = to_px(x, y_lo)
         draw.line((px, bottom, px, bottom + 4), fill="black")
         draw.text((px - 8, bottom + 6), f"{x:.0f}", fill="black", font=font)
-    draw.text((left, 8), title, fill="black", font=font)
+    draw.text((left + 140, 8), title, fill="black", font=font)
     draw.text(((left + right) // 2 - 3 * len(xlabel), bottom + 22), xlabel, fill="black", font=font)
     draw.text((4, top - 16), ylabel, fill="black", font=font)
     for i, (label, xs, ys, as_points) in enumerate(series):
