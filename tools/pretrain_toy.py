@@ -27,6 +27,16 @@ colors 0.02, position 0.00, color_attr 0.00). The base model is far BELOW the in
 it denoises well from s <= 0.6 (layout given), but from pure noise it draws blobs of roughly the
 right colour and place that the checker does not accept as shapes. Snapshots at 750, 1250 and
 2750 steps score 0.03, 0.01 and 0.00 strict on the first 96 test lines.
+
+Tried without success (same model and batch, 2 shared CPU cores, 17 min): 3000 steps with an
+EMA of the weights (decay 0.999, min((1+n)/(10+n)) warm-up) saved instead of the raw weights,
+and the rate cosine-decayed from 1e-3 to 1e-4 (batches seeded per step). Strict on the first
+96 test lines (cfg 4.5, 20 steps): EMA at 500 / 1000 / 1500 / 2000 / 2500 / 3000 steps 0.00,
+0.06, 0.06, 0.02, 0.02, 0.01 vs 0.01 for this checkpoint; the final one scores 0.003 strict,
+0.030 partial on all 300 (colors 0.02, every other tag 0.00). cfg 1.0 / 2.5 / 8.0 give 0.02,
+0.02, 0.01 and 50 steps 0.01. Its samples are larger multi-patch blobs than this checkpoint's,
+still not shapes: single_object stays at 0.00 for every model, so the shapes, not colours or
+layout, are what the model lacks (a smaller patch or more capacity is the next thing to try).
 """
 import argparse
 import dataclasses
