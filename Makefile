@@ -21,5 +21,6 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow"
 
+# pytest exits 5 when no test is marked slow: that is not a failure.
 test-slow: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
