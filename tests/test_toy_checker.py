@@ -135,8 +135,19 @@ def test_extra_object_breaks_counting_exclude_but_not_single_object():
     assert not strict and partial == pytest.approx(0.5)
     assert "expected circle<3, found 3" in details["reasons"]
     # GenEval's single-object rule is "at least one"; the partial score wants exactly one.
-    strict, partial, _ = _check(three, prompts.all_prompts("single_object")[0])
+    strict, partial, details = _check(three, prompts.all_prompts("single_object")[0])
     assert strict and partial == 0.0
+    assert details["extra_objects"] == 2  # what the "exact" score refuses
+
+
+def test_exact_score_refuses_any_object_beyond_those_asked_for():
+    circle = world.SceneObject("circle", "red", 0.17, 0.5, 0.25)
+    stray = world.SceneObject("square", "blue", 0.83, 0.5, 0.25)
+    single = prompts.all_prompts("single_object")[0]  # a photo of a circle
+    images = np.stack([world.render_scene(s) for s in ([circle], [circle, stray], [stray])])
+    scores = checker.score_batch(images, [single] * 3)
+    np.testing.assert_array_equal(scores["strict"], [1, 1, 0])
+    np.testing.assert_array_equal(scores["exact"], [1, 0, 0])
 
 
 @pytest.mark.parametrize("rgb, colour", [((255, 105, 180), None),  # pink: between red and purple

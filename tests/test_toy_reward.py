@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -27,16 +29,18 @@ def test_registered_reward_scores_partial_and_logs_strict():
     np.testing.assert_array_equal(out["score"], out["partial"])
     strict_score = registry.build("toy_geneval", score="strict")(images, texts, metadata)["score"]
     np.testing.assert_array_equal(strict_score, out["strict"])
-    mean_score = registry.build("toy_geneval", score="mean")(images, texts, metadata)["score"]
+    mean_score = registry.build("toy_geneval", score="strict+partial")(images, texts, metadata)["score"]
     np.testing.assert_allclose(mean_score, [1, 1, 1, 0.25, 0.25, 0.25])
+    np.testing.assert_array_equal(out["exact"], out["strict"])  # no stray objects in these renders
 
 
 def test_reward_refuses_prompts_that_do_not_match_the_metadata():
     images, texts, metadata = _batch()
     with pytest.raises(ValueError, match=r"mismatched rows \[0\]"):
         registry.build("toy_geneval")(images, ["a photo of a cat"] + texts[1:], metadata)
-    with pytest.raises(ValueError, match="score='accuracy'"):
-        registry.build("toy_geneval", score="accuracy")
+    for bad in ("accuracy", "strict+", "strict+mean"):
+        with pytest.raises(ValueError, match=f"score='{re.escape(bad)}'"):
+            registry.build("toy_geneval", score=bad)
 
 
 def test_reward_through_a_real_server_process():

@@ -180,12 +180,18 @@ def _partial(by_class, metadata) -> float:
     return float(np.mean(terms))
 
 
+def extra_objects(detections, metadata: dict) -> int:
+    """How many more objects were found than the include clauses ask for in all."""
+    return max(0, len(detections) - sum(clause["count"] for clause in metadata["include"]))
+
+
 def score(detections, metadata: dict) -> tuple[bool, float, dict]:
     """(strict, partial, details) of one image's detections against GenEval-style metadata."""
     validate_metadata(metadata)
     by_class = _by_class(detections)
     strict, reasons = _strict(by_class, metadata)
-    details = {"reasons": reasons, "detections": [d.as_dict() for d in detections]}
+    details = {"reasons": reasons, "detections": [d.as_dict() for d in detections],
+               "extra_objects": extra_objects(detections, metadata)}
     return strict, _partial(by_class, metadata), details
 
 
@@ -195,10 +201,12 @@ def check(image: np.ndarray, metadata: dict) -> tuple[bool, float, dict]:
 
 
 def score_batch(images: np.ndarray, metadata: list[dict]) -> dict[str, np.ndarray]:
-    """{"strict": (N,) float32 0/1, "partial": (N,) float32 in [0, 1]} for a uint8 NHWC batch."""
+    """{"strict": (N,) float32 0/1, "partial": (N,) float32 in [0, 1], "exact": (N,) float32 0/1
+    (strict, and no object beyond those asked for)} for a uint8 NHWC batch."""
     images = _check_images(images)
     if len(metadata) != len(images):
         raise ValueError(f"{len(images)} images but {len(metadata)} metadata entries")
     results = [score(d, m) for d, m in zip(detect_batch(images), metadata)]
     return {"strict": np.array([r[0] for r in results], np.float32),
-            "partial": np.array([r[1] for r in results], np.float32)}
+            "partial": np.array([r[1] for r in results], np.float32),
+            "exact": np.array([r[0] and not r[2]["extra_objects"] for r in results], np.float32)}

@@ -1,20 +1,26 @@
 """The toy checker as a registered reward, "toy_geneval", for the reward server.
 
-The score is the partial credit by default (what Flow-GRPO trains GenEval on), or "strict", or
-"mean", their average: strict alone lets extra objects pass outside counting prompts, partial
-alone pays for drawing only one of two objects. "strict" and "partial" are always returned as
-sub-scores, so both are logged.
+The score is one of the checker's scores, or the mean of several joined by "+":
+"partial" (the default, what Flow-GRPO trains GenEval on), "strict" (GenEval's 0/1 rule) or
+"exact" (strict, and no object beyond those asked for). Alone, each teaches a bias: strict lets
+extra objects pass outside counting prompts, exact punishes a stray object as hard as a wrong
+one, partial pays for drawing only one of two objects (docs/demo.md). Every checker score is
+also returned as a sub-score, so all are logged.
 """
+import numpy as np
+
 from flowgrpo_jax.rewards.registry import register
 from flowgrpo_jax.toy.checker import score_batch
 
-SCORES = ("partial", "strict", "mean")
+SCORES = ("partial", "strict", "exact")
 
 
 @register("toy_geneval")
 def toy_geneval(score: str = "partial"):
-    if score not in SCORES:
-        raise ValueError(f"toy_geneval score={score!r}; expected one of {SCORES}")
+    parts = score.split("+")
+    if not all(part in SCORES for part in parts):
+        raise ValueError(f"toy_geneval score={score!r}; expected one of {SCORES} or several "
+                         f"joined by '+' (their mean)")
 
     def reward(images, prompts, metadata):
         mismatched = [i for i, (p, m) in enumerate(zip(prompts, metadata)) if p != m.get("prompt")]
@@ -22,7 +28,6 @@ def toy_geneval(score: str = "partial"):
             raise ValueError(f"prompts and metadata disagree (lengths {len(prompts)}, {len(metadata)};"
                              f" mismatched rows {mismatched[:5]})")
         scores = score_batch(images, metadata)
-        chosen = (scores["strict"] + scores["partial"]) / 2 if score == "mean" else scores[score]
-        return {"score": chosen, **scores}
+        return {"score": np.mean([scores[part] for part in parts], axis=0), **scores}
 
     return reward
