@@ -92,3 +92,23 @@ def test_short_pretraining_decreases_the_loss():
     assert len(losses) == 30 and np.all(np.isfinite(losses))
     after = loss_of(model)
     assert after < 0.7 * before, (before, after)
+
+
+def test_pretraining_with_ema_returns_the_average_of_the_weights(tmp_path):
+    """The EMA (decay ramped as (1 + step) / (10 + step), capped) of the weights of the same run
+    without it, whose per-step snapshots are the weights themselves."""
+    prompts = load_prompts(DATA_DIR / "train.jsonl")[:32]
+    kw = dict(steps=3, batch_size=8, lr=3e-3, warmup=1, weight_decay=1e-4, cfg_dropout=0.1, seed=0,
+              progress=False)
+    pretrain_toy.pretrain(TINY, prompts, save_every=1, out=str(tmp_path), **kw)
+    weights = [nnx.state(toy_model.ToyModel(TINY, rngs=nnx.Rngs(0)), nnx.Param)] + [
+        nnx.state(toy_model.load(str(tmp_path / f"step_{s}")), nnx.Param) for s in (1, 2, 3)]
+    expected = weights[0]
+    for step in (1, 2, 3):
+        decay = min(0.2, (1 + step) / (10 + step))
+        expected = jax.tree.map(lambda e, w: decay * e + (1 - decay) * w, expected, weights[step])
+    ema_model, _ = pretrain_toy.pretrain(TINY, prompts, ema_decay=0.2, **kw)
+    got = nnx.state(ema_model, nnx.Param)
+    assert not np.allclose(jax.tree.leaves(got)[0], jax.tree.leaves(weights[3])[0])
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
