@@ -43,6 +43,7 @@ class ToyModelConfig:
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
+    text_embed_std: float = 0.02  # init of the text encoder's embeddings (toy/text.py)
     max_length: int = DEFAULT_MAX_LENGTH
     shift: float = 3.0  # flow-match shift of the sampler's schedule and of pretraining's times
 
@@ -94,6 +95,7 @@ class ToyModel(nnx.Module):
         self.text_encoder = TextEncoder(
             Tokenizer(max_length=config.max_length).vocab_size, config.max_length,
             width=config.text_width, depth=config.text_layers, heads=config.text_heads,
+            embed_std=config.text_embed_std,
             rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def velocity(self, x, t, ids, mask):

@@ -103,13 +103,17 @@ class TextEncoder(nnx.Module):
     """Token embeddings + learned positions, `depth` blocks, a final norm."""
 
     def __init__(self, vocab_size: int, max_length: int = DEFAULT_MAX_LENGTH, width: int = 64,
-                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "xla"):
+                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4, embed_std: float = 0.02, *,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention_impl: str = "xla"):
         self.max_length = max_length
+        # embed_std: init std of the word and position embeddings. At 0.02 the blocks' outputs
+        # (size ~1) swamp the token identity in the residual stream and pretraining leaves the
+        # relation words nearly alike; 1.0 (Flax's default) keeps them apart (docs/demo.md).
         self.embed = nnx.Embed(vocab_size, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                               embedding_init=_partitioned(nnx.initializers.normal(0.02),
+                               embedding_init=_partitioned(nnx.initializers.normal(embed_std),
                                                            ("vocab", "embed")))
-        self.position = nnx.Param(_partitioned(nnx.initializers.normal(0.02), (None, "embed"))(
+        self.position = nnx.Param(_partitioned(nnx.initializers.normal(embed_std), (None, "embed"))(
             rngs.params(), (max_length, width), param_dtype))
         self.blocks = nnx.List([
             EncoderBlock(width, heads, mlp_ratio, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
