@@ -51,6 +51,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from flowgrpo_jax.grpo.train_step import ema_decay as ramped_ema_decay, ema_update
 from flowgrpo_jax.sampling.schedule import shift_sigmas
 from flowgrpo_jax.toy.model import ToyModel, ToyModelConfig, save
 from flowgrpo_jax.toy.prompts import DATA_DIR, load_prompts
@@ -87,9 +88,8 @@ def make_train_step(graphdef, optimizer, ema_decay: float):
             lambda p: flow_matching_loss(nnx.merge(graphdef, p), x0, ids, mask, key))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        # The EMA's decay ramps up as (1 + step) / (10 + step) so that the init is soon forgotten.
-        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+        # The trainer's EMA: its decay ramps up so that the init is soon forgotten.
+        ema = ema_update(ema, params, ramped_ema_decay(step, ema_decay))
         return params, ema, opt_state, loss
 
     return train_step

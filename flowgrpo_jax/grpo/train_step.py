@@ -121,6 +121,11 @@ def ema_decay(updates_done, max_decay):
     return jnp.minimum((1.0 + n) / (10.0 + n), max_decay)
 
 
+def ema_update(ema, params, decay):
+    """One step of the exponential moving average of a params tree."""
+    return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+
 def _micro_batches(batch: TrainBatch, micro_batch_size: int, mesh, rules):
     """(B, ...) -> (B / m, m, ...); micro-batch i takes samples i, i + B/m, ... so that each one
     stays split over all devices the way the full batch is."""
@@ -220,7 +225,7 @@ def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformati
         params = optax.apply_updates(state.params, updates)
         # n counts this update, as the reference steps its EMA after incrementing global_step
         decay = ema_decay(state.step + 1, config.ema_max_decay)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        ema_params = ema_update(state.ema_params, params, decay)
         metrics = {k: v / count for k, v in stat_sum.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["ema_decay"] = decay
