@@ -70,10 +70,16 @@ class ToyModelConfig:
 
 
 def sincos_positions(grid: int, dim: int) -> np.ndarray:
-    """(grid*grid, dim) 2-D sin-cos position features: half the dims code the row, half the column."""
+    """(grid*grid, dim) 2-D sin-cos position features: half the dims code the row, half the column.
+
+    Frequencies k*pi/n radians per cell (k = 1..n, n = dim/4), not SD3's geometric ones from 1
+    down to 1/10000: over a 3x3 grid those are nearly constant, the cells' features differed by
+    a norm of 1.4 against ~12 for a noise patch's embedding, and at high noise (where the layout
+    is decided) a token could not tell which cell it was, so the model never learnt a layout
+    from the text ("A left of B", docs/demo.md). These keep any two cells 6.9 apart at width 96."""
     if dim % 4:
         raise ValueError(f"width {dim} is not a multiple of 4")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    omega = np.pi * np.arange(1, dim // 4 + 1) / (dim // 4)
     rows, columns = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
     angles = [pos.reshape(-1, 1) * omega for pos in (rows, columns)]
     return np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1).astype(np.float32)

@@ -6,8 +6,11 @@ the footprint of an SD3 token (8x VAE, patch 2); a free layout made the toy mode
 positions and sizes at the pixel level, which a model this small could not do in minutes on a
 CPU (its samples were patch-sized mosaics, docs/demo.md). A scene holds exactly the objects the
 include clauses ask for (so counting excludes hold), colours as given or drawn at random, and
-every position clause met along one axis only (same row for left/right, same column for
-above/below), so that it is the only relation the checker sees.
+every position clause met along one axis only, so that it is the only relation the checker
+sees. A position prompt's pair sits at the two ends of the middle row (left/right) or the middle
+column (above/below): with any two cells of a line allowed, the toy model never learnt to read
+the relation words, in pretraining or in RL (its mean prediction from pure noise was the same
+for "left of" and "above", docs/demo.md).
 """
 import numpy as np
 
@@ -25,6 +28,17 @@ def cell_centre(cell: int) -> tuple[float, float]:
     return (column + 0.5) / GRID, (row + 0.5) / GRID
 
 
+def _on_middle_line(obj: SceneObject, target: SceneObject, relation: str) -> bool:
+    """`relation` holds with the two objects at the ends of the middle row (left/right) or
+    the middle column (above/below)."""
+    middle = cell_centre(GRID * GRID // 2)[0]
+    horizontal = relation in ("left of", "right of")
+    along, across = ("cx", "cy") if horizontal else ("cy", "cx")
+    return (relations(obj.box(), target.box()) == {relation}
+            and getattr(obj, across) == getattr(target, across) == middle
+            and round(abs(getattr(obj, along) - getattr(target, along)) * GRID) == GRID - 1)
+
+
 def _place(metadata: dict, rng: np.random.Generator) -> tuple[SceneObject, ...] | None:
     free = list(rng.permutation(GRID * GRID))
     placed: list[SceneObject] = []
@@ -37,7 +51,7 @@ def _place(metadata: dict, rng: np.random.Generator) -> tuple[SceneObject, ...] 
                 obj = SceneObject(clause["class"], color, *cell_centre(cell), OBJECT_SIZE)
                 if "position" in clause:
                     relation, target = clause["position"]
-                    if not all(relations(obj.box(), t.box()) == {relation} for t in groups[target]):
+                    if not all(_on_middle_line(obj, t, relation) for t in groups[target]):
                         continue
                 break
             else:
