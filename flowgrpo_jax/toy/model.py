@@ -43,7 +43,7 @@ class ToyModelConfig:
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
-    text_embed_std: float = 0.02  # init of the text encoder's embeddings (toy/text.py)
+    text_embed_std: float = 1.0  # init std of the text encoder's embeddings (toy/text.py)
     max_length: int = DEFAULT_MAX_LENGTH
     shift: float = 3.0  # flow-match shift of the sampler's schedule and of pretraining's times
 

@@ -103,7 +103,7 @@ class TextEncoder(nnx.Module):
     """Token embeddings + learned positions, `depth` blocks, a final norm."""
 
     def __init__(self, vocab_size: int, max_length: int = DEFAULT_MAX_LENGTH, width: int = 64,
-                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4, embed_std: float = 0.02, *,
+                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4, embed_std: float = 1.0, *,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  attention_impl: str = "xla"):
         self.max_length = max_length
