@@ -3,7 +3,7 @@
     python -m flowgrpo_jax.train --config configs/toy_geneval.py --workdir runs/toy
     python -m flowgrpo_jax.demo                      # base eval + this run + trained eval + figures
 
-The shipped base checkpoint (flowgrpo_jax/toy/checkpoint/, strict test accuracy 0.437) with
+The shipped base checkpoint (flowgrpo_jax/toy/checkpoint/, strict test accuracy 0.333) with
 the mean of the toy checker's strict and exact scores (`toy_geneval`, score "strict+exact")
 as the reward, served by the local reward process; 150 epochs of 16 prompts x 8 images with
 the SDE in a 2-step window.
