@@ -98,7 +98,8 @@ def test_bf16_compute_with_fp32_storage():
 def test_embed_std_keeps_words_apart_at_init():
     """At N(0, 0.02) the blocks swamp the token identity and "above" and "below" get close states
     already at init (0.83 here); at N(0, 1) they stay further apart (0.57). After pretraining
-    the gap is 0.997 against 0.69: the toy base ignoring the relation words, docs/demo.md."""
+    the cosine was 0.997 against 0.69 (the earlier base, trained at 0.02, ignored the relation
+    words; docs/demo.md)."""
     prompts = ["a photo of a cross above a triangle", "a photo of a cross below a triangle"]
 
     def cosine_of_relation_states(embed_std):
