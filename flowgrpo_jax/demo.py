@@ -1,7 +1,7 @@
 """The built-in default (`make demo`): Flow-GRPO on the toy world, base vs trained, on a CPU.
 
     python -m flowgrpo_jax.demo [--workdir runs/demo] [--config configs/toy_geneval.py[:variant]]
-        [--config.key=value ...] [--images_per_prompt 1] [--overwrite]
+        [--config.key=value ...] [--images_per_prompt 4] [--overwrite]
 
 1. evaluates the base model (the config's `model`): strict and partial accuracy of the toy
    checker on the test prompts, ODE at `sample.eval_num_steps`, image j of prompt i from noise
@@ -129,7 +129,7 @@ def write_figures(workdir: str, metadata, rows, base_images, trained_images) -> 
                        ).save(os.path.join(workdir, "before_after.png"))
 
 
-def run(config, workdir: str, *, images_per_prompt: int = 1, num_test_prompts: int = 0,
+def run(config, workdir: str, *, images_per_prompt: int = 4, num_test_prompts: int = 0,
         grid_per_tag: int = 2, grid_images: int = 4, seed: int = 0) -> dict:
     """The whole demo; returns what results.json holds."""
     started = time.perf_counter()
@@ -186,7 +186,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "configs/NAM
                                           flag_values=FLAGS)
 flags.DEFINE_string("workdir", "runs/demo", "training run, figures and results.json", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "delete an existing workdir first", flag_values=FLAGS)
-flags.DEFINE_integer("images_per_prompt", 1, "eval images per test prompt", flag_values=FLAGS)
+flags.DEFINE_integer("images_per_prompt", 4, "eval images per test prompt (GenEval: 4)",
+                     flag_values=FLAGS)
 flags.DEFINE_integer("num_test_prompts", 0, "the first N test prompts only; 0: all", flag_values=FLAGS)
 flags.DEFINE_integer("grid_per_tag", 2, "prompts per category in the image grids", flag_values=FLAGS)
 flags.DEFINE_integer("grid_images", 4, "seeds per prompt in the image grids", flag_values=FLAGS)
