@@ -1,16 +1,17 @@
 """Flow-matching pretraining of the toy world's model (MMDiT + toy text encoder) on renders.
 
 Each step draws a batch of train prompts, renders a fresh scene that satisfies each one
-(`sample_images`), and regresses the rectified-flow velocity as SD3 does: x_s = (1-s) x0 + s eps,
-target v = eps - x0, the MMDiT's time input 1000*s; s is uniform then shifted like the
+(`sample_images`), and regresses the rectified-flow velocity as SD3 does: x_s = (1-s) x0 + s
+eps, target v = eps - x0, the MMDiT's time input 1000*s; s is uniform then shifted like the
 sampler's schedule, and the error is weighted by s^2 (see `flow_matching_loss` for both
-choices). The text is replaced by the empty prompt with probability `cfg_dropout`, so the
-model also learns the unconditional velocity that classifier-free guidance needs. AdamW at a constant rate after a linear warmup,
-so a run of N steps equals the first N steps of a longer run with the same seed (snapshots
-written with --save_every are the checkpoints of shorter runs).
+choices). The text is replaced by the empty prompt with probability `cfg_dropout`, so the model
+also learns the unconditional velocity that classifier-free guidance needs. AdamW at a constant
+rate after a linear warmup, so a run of N steps equals the first N steps of a longer run with
+the same seed (snapshots written with --save_every are the checkpoints of shorter runs).
 `--ema_decay D` saves an exponential moving average of the weights instead of the weights
-(snapshots too). It is off for the shipped base. With 0.999 the snapshots are better at the same step
-(0.575 against 0.45 at step 6000 on the earlier world), and RL gained less from them (docs/demo.md).
+(snapshots too). It is off for the shipped base. With 0.999 the snapshots are better at the same
+step (0.575 against 0.45 at step 6000 on the earlier world), and RL gained less from them
+(docs/demo.md).
 
 Reproduce the shipped base checkpoint (flowgrpo_jax/toy/checkpoint/):
 
@@ -39,10 +40,10 @@ all 300 test lines x 2 seeds (20-step ODE, CFG 4.5):
 
 The base is step 7000, chosen by what the demo's RL makes of it, a choice made on the test
 file's results: from step 6000 the demo went 0.553 -> 0.517, from step 7000 0.333 -> 0.560
-(its 1-seed evaluation). A swing such as step 7000's (single objects 0.11) leaves what the
-model has learnt in place, and RL repairs it; the issue asks for a clearly imperfect base
-(0.3-0.6) so that RL has room to show.
-docs/demo.md tells how the world and the model got here.
+(session 5's config, 1 image per prompt). A swing such as step 7000's (single objects 0.11)
+leaves what the model has learnt in place, and RL repairs it; the issue asks for a clearly
+imperfect base (0.3-0.6) so that RL has room to show. docs/demo.md tells how the world and the
+model got here.
 """
 import argparse
 import dataclasses
