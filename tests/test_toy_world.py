@@ -52,9 +52,10 @@ def test_sampled_scenes_meet_their_metadata(tag):
                     for t in groups[target]:
                         assert world.relations(o.box(), t.box()) == {relation}
                         # at the ends of the middle row (left/right) or column (above/below)
-                        cells = sorted((round(v.cy * 3 - 0.5), round(v.cx * 3 - 0.5)) for v in (o, t))
+                        n, m = scenes.GRID, scenes.GRID // 2
+                        cells = sorted((round(v.cy * n - 0.5), round(v.cx * n - 0.5)) for v in (o, t))
                         horizontal = relation in ("left of", "right of")
-                        assert cells == ([(1, 0), (1, 2)] if horizontal else [(0, 1), (2, 1)])
+                        assert cells == ([(m, 0), (m, n - 1)] if horizontal else [(0, m), (n - 1, m)])
             groups.append(group)
         assert start == len(scene)
         centres = [(o.cx, o.cy) for o in scene]
