@@ -37,6 +37,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "configs", "toy_geneval.py")
 STRICT = "toy_geneval/strict"  # the reward's strict sub-score, as the trainer logs it
 PARTIAL = "toy_geneval/partial"
+IMAGES_PER_PROMPT = 4  # GenEval's protocol: 4 images per test prompt
 
 
 class RecordingTrainer(Trainer):
@@ -129,7 +130,7 @@ def write_figures(workdir: str, metadata, rows, base_images, trained_images) -> 
                        ).save(os.path.join(workdir, "before_after.png"))
 
 
-def run(config, workdir: str, *, images_per_prompt: int = 4, num_test_prompts: int = 0,
+def run(config, workdir: str, *, images_per_prompt: int = IMAGES_PER_PROMPT, num_test_prompts: int = 0,
         grid_per_tag: int = 2, grid_images: int = 4, seed: int = 0) -> dict:
     """The whole demo; returns what results.json holds."""
     started = time.perf_counter()
@@ -186,7 +187,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "configs/NAM
                                           flag_values=FLAGS)
 flags.DEFINE_string("workdir", "runs/demo", "training run, figures and results.json", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "delete an existing workdir first", flag_values=FLAGS)
-flags.DEFINE_integer("images_per_prompt", 4, "eval images per test prompt (GenEval: 4)",
+flags.DEFINE_integer("images_per_prompt", IMAGES_PER_PROMPT, "eval images per test prompt",
                      flag_values=FLAGS)
 flags.DEFINE_integer("num_test_prompts", 0, "the first N test prompts only; 0: all", flag_values=FLAGS)
 flags.DEFINE_integer("grid_per_tag", 2, "prompts per category in the image grids", flag_values=FLAGS)
