@@ -52,10 +52,11 @@ def test_sampled_scenes_meet_their_metadata(tag):
                     for t in groups[target]:
                         assert world.relations(o.box(), t.box()) == {relation}
                         # at the ends of the middle row (left/right) or column (above/below)
-                        n, m = scenes.GRID, scenes.GRID // 2
-                        cells = sorted((round(v.cy * n - 0.5), round(v.cx * n - 0.5)) for v in (o, t))
+                        grid, middle, last = scenes.GRID, scenes.GRID // 2, scenes.GRID - 1
+                        cells = sorted((round(v.cy * grid - 0.5), round(v.cx * grid - 0.5)) for v in (o, t))
                         horizontal = relation in ("left of", "right of")
-                        assert cells == ([(m, 0), (m, n - 1)] if horizontal else [(0, m), (n - 1, m)])
+                        assert cells == ([(middle, 0), (middle, last)] if horizontal
+                                         else [(0, middle), (last, middle)])
             groups.append(group)
         assert start == len(scene)
         centres = [(o.cx, o.cy) for o in scene]
