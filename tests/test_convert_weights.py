@@ -3,13 +3,18 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from flowgrpo_jax.models import load_transformer
+from flowgrpo_jax import parallel
+from flowgrpo_jax.convert.folder import convert_folder
+from flowgrpo_jax.models import load_pipeline, load_transformer
+from test_encode_prompt import tiny_sd3_pipeline
 from test_mmdit import CASES, _inputs, _jitted_output, _reference, _reference_output, _relative_l2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +43,33 @@ def test_cli_conversion_matches_diffusers(sd35_tiny, tmp_path):
     assert result.returncode == 0, result.stderr
     model = load_transformer(str(tmp_path / "dst"), dtype=jnp.float32)
     assert _relative_l2(_jitted_output(model, inputs), expected) < 1e-5
+
+
+def test_load_transformer_places_params_with_the_trainers_shardings(sd35_tiny, tmp_path):
+    _, src, inputs, expected = sd35_tiny
+    assert run_converter(src, tmp_path / "dst").returncode == 0
+    mesh = parallel.make_mesh()
+    model = load_transformer(str(tmp_path / "dst"),
+                             shardings=lambda state: parallel.state_shardings(state, mesh))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        assert isinstance(var.get_value().sharding, jax.sharding.NamedSharding), path
+        assert var.get_value().sharding.mesh == mesh, path
+    assert _relative_l2(_jitted_output(model, inputs), expected) < 1e-5
+
+
+def test_load_pipeline_asks_shardings_for_each_component_by_name(tmp_path):
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "src")
+    convert_folder(str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None)
+    asked = []
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def shardings(name, abstract_state):
+        asked.append(name)
+        return jax.tree.map(lambda _: device, abstract_state)
+
+    pipeline = load_pipeline(str(tmp_path / "dst"), shardings=shardings)
+    assert sorted(asked) == ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"]
+    assert pipeline.vae.decoder.conv_in.kernel.get_value().sharding == device
 
 
 def test_bf16_weights_stay_bf16(sd35_tiny, tmp_path):

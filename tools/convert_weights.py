@@ -1,4 +1,4 @@
-"""Converts diffusers / transformers safetensors folders into Flax (orbax) checkpoints.
+"""Converts diffusers / transformers safetensors folders into flowgrpo-jax component folders.
 
     python tools/convert_weights.py --src stable-diffusion-3.5-medium --dst sd35m-flax
     python tools/convert_weights.py --src sd35m/transformer --dst sd35m-flax/transformer
@@ -6,7 +6,9 @@
 --src is a component folder (config.json + safetensors, sharded or not) or a pipeline folder
 (model_index.json: each component with a Flax port is converted into --dst/<component>/,
 tokenizers and the scheduler are copied). Every key is checked against the model's shapes
-before anything is written. Weights keep their stored dtype unless --dtype is given. No torch.
+before anything is written; then tensors are converted and written one at a time (memory holds
+about one tensor) into <component>/params.safetensors in the Flax layout. Weights keep their
+stored dtype unless --dtype is given. No torch.
 """
 import argparse
 import sys

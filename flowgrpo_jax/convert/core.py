@@ -4,7 +4,10 @@ A `Rule` maps source keys (a regex, matched in full) to a dotted Flax path templ
 groups allowed; integer parts index lists) with a transform. `plan` checks a whole checkpoint
 against the model's `nnx.eval_shape` tree before any data is read, so a wrong checkpoint fails
 with the complete list of missing, unexpected and mis-shaped keys and nothing is written.
+`lazy_convert` then hands out the converted tensors unread, so a converter can read, transform
+and write them one at a time.
 """
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ def conv2d(x):
 class Rule:
     src: str
     dst: str | None  # None: a known source key that the model does not use
+    # A view or reshape of the source tensor: it keeps the dtype and touches no data.
     transform: Callable[[np.ndarray], np.ndarray] = identity
     # A fallback fills its target only when no other key does (a tied copy saved alone).
     fallback: bool = False
@@ -57,10 +61,28 @@ def target_shapes(module_or_state) -> dict[Path, tuple[int, ...]]:
     return {tuple(path): tuple(var.shape) for path, var in nnx.to_flat_state(state)}
 
 
+@dataclass(frozen=True)
+class LazyTensor:
+    """A converted tensor whose shape and dtype are known before its data is read;
+    np.asarray(tensor) reads and transforms it."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.produce(), dtype=dtype)
+
+
 def _shapes_of(tensors: Mapping) -> dict[str, tuple[int, ...]]:
     if hasattr(tensors, "shapes"):
         return tensors.shapes()
     return {k: tuple(np.shape(v)) for k, v in tensors.items()}
+
+
+def _dtypes_of(tensors: Mapping) -> dict[str, np.dtype]:
+    if hasattr(tensors, "dtypes"):
+        return tensors.dtypes()
+    return {k: np.asarray(v).dtype for k, v in tensors.items()}
 
 
 def _transformed_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -111,12 +133,26 @@ def plan(src_shapes: Mapping[str, tuple], rules: Sequence[Rule],
     return mapping
 
 
+def _convert_one(tensors: Mapping, key: str, rule: Rule, dtype) -> np.ndarray:
+    array = np.asarray(rule.transform(np.asarray(tensors[key])))
+    return np.asarray(array, dtype=dtype or array.dtype, order="C")
+
+
+def lazy_convert(tensors: Mapping, rules: Sequence[Rule], target: Mapping[Path, tuple],
+                 dtype=None) -> dict[Path, LazyTensor]:
+    """Checks the whole checkpoint (`plan`), then returns {Flax path: LazyTensor}, each read
+    from `tensors` and transformed only when materialised. Keeps each tensor's dtype unless
+    `dtype` is given."""
+    mapping = plan(_shapes_of(tensors), rules, target)
+    dtypes = _dtypes_of(tensors)
+    return {path: LazyTensor(tuple(target[path]), np.dtype(dtype or dtypes[key]),
+                             functools.partial(_convert_one, tensors, key, rule, dtype))
+            for key, (path, rule) in mapping.items()}
+
+
 def convert(tensors: Mapping, rules: Sequence[Rule], target: Mapping[Path, tuple],
             dtype=None) -> dict[Path, np.ndarray]:
-    """Checks, then converts tensor by tensor. Keeps each tensor's dtype unless `dtype` is given."""
-    mapping = plan(_shapes_of(tensors), rules, target)
-    out = {}
-    for key, (path, rule) in mapping.items():
-        array = np.asarray(rule.transform(np.asarray(tensors[key])))
-        out[path] = np.ascontiguousarray(array, dtype=dtype or array.dtype)
-    return out
+    """Checks, then converts every tensor into memory: for models small enough to hold twice
+    (tests, in-memory conversion of a PyTorch model); folders are converted by streaming."""
+    return {path: np.asarray(tensor)
+            for path, tensor in lazy_convert(tensors, rules, target, dtype).items()}

@@ -1,11 +1,14 @@
-"""Converts a diffusers component folder, or a whole pipeline folder, into Flax checkpoints."""
+"""Converts a diffusers component folder, or a whole pipeline folder, into converted folders.
+
+Every key is checked against the model before anything is written; then tensors are read,
+transformed and written one at a time, so memory holds about one tensor, not the model.
+"""
 import json
+import math
 import os
 import shutil
 
-import numpy as np
-
-from flowgrpo_jax.convert.core import ConversionError, convert, target_shapes
+from flowgrpo_jax.convert.core import ConversionError, lazy_convert, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.models.components import component_for_class, source_class_name
 from flowgrpo_jax.models.store import save_component
@@ -33,10 +36,10 @@ def convert_component(src: str, dst: str, dtype=None, log=print) -> str:
         raise ConversionError(f"{src}: no converter for class {class_name!r}")
     tensors = SafetensorsFolder(src)
     abstract = component.abstract_model(config)
-    params = convert(tensors, component.conversion_rules(), target_shapes(abstract), dtype=dtype)
+    params = lazy_convert(tensors, component.conversion_rules(), target_shapes(abstract), dtype)
     save_component(dst, component.kind, config, params)
-    count = sum(int(np.prod(a.shape)) for a in params.values())
-    dtypes = sorted({str(a.dtype) for a in params.values()})
+    count = sum(math.prod(t.shape) for t in params.values())
+    dtypes = sorted({str(t.dtype) for t in params.values()})
     log(f"{src} -> {dst}: {component.kind} ({class_name}), {count:,} parameters, {dtypes}")
     return component.kind
 

@@ -1,4 +1,5 @@
 """Flax NNX ports of the SD3 / SD3.5 components, and loading them from converted folders."""
+import functools
 import json
 import os
 from typing import NamedTuple
@@ -13,9 +14,13 @@ def load_transformer(path: str, dtype=jnp.float32, compute_dtype=None, shardings
     """The MMDiT from a converted component folder or a converted pipeline folder.
 
     `dtype` is the parameter dtype (stored weights are cast to it), `compute_dtype` the
-    activation dtype (default: `dtype`). Call it as `model(x, timestep,
-    encoder_hidden_states, pooled_projections)` with NHWC latents and timesteps on the
-    diffusers 0..1000 scale; it returns the velocity in NHWC.
+    activation dtype (default: `dtype`). `shardings` places every parameter as it is read, each
+    device reading only its shard: None (first local device), a pytree like
+    nnx.state(model, nnx.Param) of jax.sharding.Sharding, or a callable from the abstract param
+    state to one (e.g. `lambda state: parallel.state_shardings(state, mesh)`).
+
+    Call it as `model(x, timestep, encoder_hidden_states, pooled_projections)` with NHWC
+    latents and timesteps on the diffusers 0..1000 scale; it returns the velocity in NHWC.
     """
     return load_component(path, "transformer", "transformer", dtype, compute_dtype, shardings)
 
@@ -81,11 +86,16 @@ def _load_scheduler(folder: str) -> SchedulerConfig:
                            int(config.get("num_train_timesteps", 1000)))
 
 
-def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None) -> SD3Pipeline:
+def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None,
+                  shardings=None) -> SD3Pipeline:
     """Loads a pipeline folder converted with tools/convert_weights.py.
 
     Every model's parameters are cast to `dtype`, activations run in `compute_dtype` (default
-    `dtype`). Raises FileNotFoundError / ValueError (ComponentLoadError) naming what is missing.
+    `dtype`). `shardings`, if given, is a callable `(component name, abstract param state) ->
+    pytree of jax.sharding.Sharding` (names as in model_index.json: "transformer", "vae",
+    "text_encoder", "text_encoder_2", "text_encoder_3"); each parameter is read straight into
+    its sharding. Default: everything on the first local device. Raises FileNotFoundError /
+    ValueError (ComponentLoadError) naming what is missing.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory")
@@ -102,7 +112,8 @@ def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None) -> SD3Pipeli
         raise ValueError(f"{path}: text_encoder_3 and tokenizer_3 must be present together")
 
     def model(name, kind):
-        return load_component(path, kind, name, dtype, compute_dtype)
+        placement = None if shardings is None else functools.partial(shardings, name)
+        return load_component(path, kind, name, dtype, compute_dtype, placement)
 
     def tokenizer(name):
         return _load_tokenizer(os.path.join(path, name), index[name][1])

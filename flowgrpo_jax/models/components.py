@@ -80,6 +80,11 @@ def resolve_component_dir(path: str, subfolder: str) -> str:
 
 def load_component(path: str, kind: str, subfolder: str, dtype=jnp.float32, compute_dtype=None,
                    shardings=None) -> nnx.Module:
+    """A converted `kind` component from its folder or a pipeline folder's `subfolder`.
+
+    `shardings`: None (first local device), a pytree like nnx.state(model, nnx.Param) of
+    jax.sharding.Sharding, or a callable from the abstract param state to one (see load_params).
+    """
     folder = resolve_component_dir(path, subfolder)
     config = read_component_info(folder, kind)
     abstract = component_by_kind(kind).abstract_model(config, dtype, compute_dtype)

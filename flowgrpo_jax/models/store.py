@@ -1,61 +1,74 @@
 """The on-disk form of a converted component, and loading it into an NNX module.
 
-A converted component folder holds the source `config.json` (unchanged), `flowgrpo_jax.json`
-(which component it is and the stored dtype) and `params/`, an orbax checkpoint of the
-parameters as a nested dict (list indices as string keys).
+A converted component folder holds the source `config.json` (unchanged), `params.safetensors`
+(every parameter in the Flax layout, keyed by its dotted Flax path) and `flowgrpo_jax.json`
+(which component it is, the stored dtypes and the format version). Parameters are written and
+read one tensor at a time, and each is read straight into its sharding, so neither converting
+nor loading holds more than about one tensor beyond the result.
 """
+import functools
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
-import orbax.checkpoint as ocp
+import numpy as np
 from flax import nnx
 
 from flowgrpo_jax.convert.core import Path, format_path
+from flowgrpo_jax.convert.safetensors_io import (CheckpointError, read_header, read_tensor,
+                                                 write_safetensors)
 
 META_FILE = "flowgrpo_jax.json"
-FORMAT_VERSION = 1
+PARAMS_FILE = "params.safetensors"
+FORMAT_VERSION = 2
 
 
 class ComponentLoadError(ValueError):
     """A converted component folder that is missing, of the wrong kind, or damaged."""
 
 
-def _nest(flat: dict[Path, object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(str(key), {})
-        node[str(path[-1])] = value
-    return tree
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    partial = path + ".partial"
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
-def _flatten(tree: dict, prefix=()) -> dict[tuple[str, ...], object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
+def _write_json(value) -> Callable[[str], None]:
+    def write(path):
+        with open(path, "w") as f:
+            json.dump(value, f, indent=2)
+    return write
 
 
-def save_component(folder: str, kind: str, config: dict, params: dict[Path, object]) -> None:
-    """Writes a converted component; `params` is {Flax path: array}."""
+def save_component(folder: str, kind: str, config: dict,
+                   params: Mapping[Path, object] | Iterable[tuple[Path, object]]) -> None:
+    """Writes a converted component; `params` is {Flax path: array} or (path, array) pairs.
+
+    An array may be lazy (anything with `shape` and `dtype` that np.asarray materialises, as
+    convert.core.LazyTensor): the params file's header is written from the shapes first, then
+    each array is materialised, written and dropped. Files are written under temporary names
+    and renamed, the metadata file last, so an interrupted write leaves no folder that loads.
+    """
+    params = {format_path(path): array for path, array in dict(params).items()}
     folder = os.path.abspath(folder)
     os.makedirs(folder, exist_ok=True)
-    if os.path.exists(os.path.join(folder, "params")):
-        shutil.rmtree(os.path.join(folder, "params"))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(folder, "params"), _nest(params))
-    checkpointer.wait_until_finished()
-    dtypes = sorted({str(v.dtype) for v in params.values()})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(folder, META_FILE), "w") as f:
-        json.dump({"format": FORMAT_VERSION, "kind": kind, "dtypes": dtypes}, f, indent=2)
+    meta_path = os.path.join(folder, META_FILE)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    _write_atomically(os.path.join(folder, "config.json"), _write_json(config))
+    _write_atomically(os.path.join(folder, PARAMS_FILE),
+                      lambda path: write_safetensors(path, params))
+    # A format-1 folder converted again in place: its orbax params/ folder is no longer read.
+    shutil.rmtree(os.path.join(folder, "params"), ignore_errors=True)
+    dtypes = sorted({str(np.dtype(array.dtype)) for array in params.values()})
+    _write_atomically(meta_path, _write_json(
+        {"format": FORMAT_VERSION, "kind": kind, "dtypes": dtypes}))
 
 
 def read_component_info(folder: str, kind: str) -> dict:
@@ -67,6 +80,11 @@ def read_component_info(folder: str, kind: str) -> dict:
             f"diffusers folder with tools/convert_weights.py first")
     with open(meta_path) as f:
         meta = json.load(f)
+    if meta.get("format") != FORMAT_VERSION:
+        raise ComponentLoadError(
+            f"{folder}: converted in flowgrpo-jax format {meta.get('format')}, this version reads "
+            f"format {FORMAT_VERSION} ({PARAMS_FILE}); convert it again with "
+            f"tools/convert_weights.py")
     if meta.get("kind") != kind:
         raise ComponentLoadError(f"{folder}: holds a {meta.get('kind')!r} component, not {kind!r}")
     with open(os.path.join(folder, "config.json")) as f:
@@ -76,42 +94,56 @@ def read_component_info(folder: str, kind: str) -> dict:
 def load_params(folder: str, abstract_module: nnx.Module, dtype=None, shardings=None) -> nnx.Module:
     """Fills an abstract module (from nnx.eval_shape) with the stored parameters.
 
-    Arrays are cast to `dtype` (default: the module's parameter dtype) and placed with
-    `shardings` (a pytree like nnx.state(module, nnx.Param) of Shardings; default the first
-    device), so a large model is never gathered on one device.
+    Each parameter is built with jax.make_array_from_callback: every device reads only its own
+    shard from the file, cast to `dtype` (default: the module's parameter dtype), so a model
+    larger than one device loads directly sharded and host memory holds one shard at a time
+    beyond what the devices keep. `shardings` is None (the first local device), a pytree like
+    nnx.state(module, nnx.Param) of jax.sharding.Sharding, or a callable taking that abstract
+    state and returning such a pytree.
     """
     graphdef, abstract_params, rest = nnx.split(abstract_module, nnx.Param, ...)
-    flat_abstract = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(abstract_params)}
-    params_dir = os.path.join(os.path.abspath(folder), "params")
-    checkpointer = ocp.StandardCheckpointer()
+    flat_abstract = {format_path(p): var for p, var in nnx.to_flat_state(abstract_params)}
+    params_file = os.path.join(os.path.abspath(folder), PARAMS_FILE)
+    if not os.path.exists(params_file):
+        raise ComponentLoadError(f"{folder}: no {PARAMS_FILE}; convert the diffusers folder "
+                                 f"with tools/convert_weights.py")
     try:
-        stored = _flatten(checkpointer.metadata(params_dir).item_metadata.tree)
-    except Exception as e:  # orbax raises several types for unreadable folders
-        raise ComponentLoadError(
-            f"{params_dir}: unreadable checkpoint, missing or damaged metadata ({e})") from e
-    _check_tree(params_dir, stored, flat_abstract)
+        stored, data_start = read_header(params_file)
+    except CheckpointError as e:
+        raise ComponentLoadError(f"damaged converted component: {e}") from None
+    _check_tree(params_file, {name: info["shape"] for name, info in stored.items()},
+                {name: var.shape for name, var in flat_abstract.items()})
+    placement = _shardings_by_name(shardings, abstract_params, flat_abstract)
 
-    flat_shardings = ({tuple(str(k) for k in p): s for p, s in nnx.to_flat_state(shardings)}
-                      if shardings is not None else {})
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = _nest({path: jax.ShapeDtypeStruct(
-        var.shape, dtype or var.dtype, sharding=flat_shardings.get(path, default))
-        for path, var in flat_abstract.items()})
-    try:
-        restored = _flatten(checkpointer.restore(params_dir, target))
-    except Exception as e:
-        raise ComponentLoadError(f"{params_dir}: damaged checkpoint, could not read ({e})") from e
-    for path, var in nnx.to_flat_state(abstract_params):
-        var.set_value(restored[tuple(str(k) for k in path)])
+    for name, var in flat_abstract.items():
+        target_dtype = np.dtype(dtype or var.dtype)
+        read_shard = functools.partial(read_tensor, params_file, stored[name], data_start,
+                                       dtype=target_dtype)
+        var.set_value(jax.make_array_from_callback(tuple(var.shape), placement[name], read_shard,
+                                                   dtype=target_dtype))
     return nnx.merge(graphdef, abstract_params, rest)
 
 
+def _shardings_by_name(shardings, abstract_params, flat_abstract) -> dict:
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return {name: device for name in flat_abstract}
+    if callable(shardings):
+        shardings = shardings(abstract_params)
+    flat = {format_path(p): s.get_value() if isinstance(s, nnx.Variable) else s
+            for p, s in nnx.to_flat_state(shardings)}
+    missing = [name for name in flat_abstract if name not in flat]
+    if missing:
+        raise ValueError(f"shardings give no sharding for {len(missing)} parameters: {missing[:20]}")
+    return flat
+
+
 def _check_tree(where: str, stored: dict, expected: dict) -> None:
-    missing = [format_path(p) for p in expected if p not in stored]
-    unexpected = [format_path(p) for p in stored if p not in expected]
-    misshaped = [f"{format_path(p)}: stored {list(stored[p].shape)}, model expects "
-                 f"{list(expected[p].shape)}" for p in expected
-                 if p in stored and tuple(stored[p].shape) != tuple(expected[p].shape)]
+    missing = [name for name in expected if name not in stored]
+    unexpected = [name for name in stored if name not in expected]
+    misshaped = [f"{name}: stored {list(stored[name])}, model expects {list(expected[name])}"
+                 for name in expected
+                 if name in stored and tuple(stored[name]) != tuple(expected[name])]
     problems = [f"  {title}: {items[:20]}" for title, items in (
         ("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
     if problems:
