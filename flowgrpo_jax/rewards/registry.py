@@ -15,6 +15,8 @@ sub-scores, which are only logged. Registering a new reward is one decorator:
 
 import importlib
 import importlib.util
+import inspect
+import math
 import pathlib
 
 import numpy as np
@@ -56,7 +58,19 @@ def build(name: str, **options):
     _import_builtins()
     if name not in _FACTORIES:
         raise KeyError(f"unknown reward {name!r}; registered rewards: {', '.join(registered())}")
-    return _FACTORIES[name](**options)
+    factory = _FACTORIES[name]
+    _check_options(name, factory, options)
+    return factory(**options)
+
+
+def _check_options(name: str, factory, options: dict) -> None:
+    """A ValueError naming the options a factory takes, rather than a TypeError from its call."""
+    signature = inspect.signature(factory)
+    try:
+        signature.bind(**options)
+    except TypeError as e:
+        takes = ", ".join(signature.parameters) or "none"
+        raise ValueError(f"reward {name!r}: {e} (options it takes: {takes})") from None
 
 
 def load_plugin(spec: str) -> None:
@@ -78,9 +92,12 @@ def parse_weights(text: str) -> dict:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, weight = item.partition(":")
         try:
-            weights[name.strip()] = float(weight) if weight else 1.0
+            value = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"bad weight {weight!r} for reward {name!r} in {text!r}") from None
+            value = None
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"bad weight {weight!r} for reward {name!r} in {text!r}")
+        weights[name.strip()] = value
     if not weights:
         raise ValueError(f"no reward named in {text!r}; expected e.g. 'ocr:1.0,pickscore:0.5'")
     return weights
