@@ -5,7 +5,8 @@
         ...                                                   # sample the next batch meanwhile
         result = pending.result()                             # RewardResult: total, components
 
-`RewardClient(url="http://host:port")` talks to a server started elsewhere instead.
+`RewardClient(url="http://host:port", token=...)` talks to a server started elsewhere instead.
+A local server gets a random token of its own, so other processes on the host cannot use it.
 
 A batch is sent with an id of its own; when a request fails (connection refused or reset,
 timeout, the server process gone) the client restarts its local server, or waits and retries a
@@ -21,10 +22,10 @@ import itertools
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -32,7 +33,9 @@ import uuid
 
 import numpy as np
 
-from flowgrpo_jax.rewards.protocol import CONTENT_TYPE, encode_request
+from flowgrpo_jax.rewards import workdir
+from flowgrpo_jax.rewards.protocol import (CONTENT_TYPE, TOKEN_ENV, ProtocolError, authorization,
+                                           decode_result, encode_request)
 
 # Failures worth a restart or a retry; anything else (a 4xx, a reward raising) is final.
 _RETRYABLE = (OSError, http.client.HTTPException)
@@ -56,9 +59,11 @@ class RewardClient:
     def __init__(self, rewards=None, *, url: str | None = None, options: dict | None = None,
                  plugins=(), max_failures: int = 3, request_timeout: float = 600.0,
                  startup_timeout: float = 600.0, retry_delay: float = 1.0, max_workers: int = 2,
-                 server_args=()):
+                 server_args=(), token: str = ""):
         """rewards: "ocr:1.0,pickscore:0.5" or {"ocr": 1.0, ...} to start a local server;
         url: the address of a running server instead. options: {"pickscore": {"model": path}}.
+        token: the shared secret of a server started with --token (sent with every request);
+        a local server uses this one, or a random one when it is empty.
         plugins: modules or .py files that register extra rewards in the local server.
         max_workers batches are in flight at once (the server scores one at a time, the next
         one uploads meanwhile); a request that gets no answer for request_timeout seconds counts
@@ -77,12 +82,13 @@ class RewardClient:
         self._state_lock = threading.Lock()
         self._workdir = None
         self._local = url is None
+        self._token = token or (secrets.token_urlsafe(24) if self._local else "")
         if url is not None:
             self._url = url.rstrip("/")
         else:
             if isinstance(rewards, dict):
                 rewards = ",".join(f"{name}:{weight}" for name, weight in rewards.items())
-            self._workdir = pathlib.Path(tempfile.mkdtemp(prefix="flowgrpo-rewards-"))
+            self._workdir = workdir.create()
             self._command = [sys.executable, "-m", "flowgrpo_jax.rewards.server",
                              "--rewards", rewards, "--port", "0", "--exit-with-parent",
                              "--cache-dir", str(self._workdir / "cache"), *map(str, server_args)]
@@ -101,6 +107,9 @@ class RewardClient:
         except _RETRYABLE as e:
             self.close()
             raise RuntimeError(f"cannot reach the reward server at {self._url}: {e}") from e
+        except BaseException:  # e.g. a 401: the server is there but refuses us
+            self.close()
+            raise
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="reward-client")
 
     @property
@@ -174,26 +183,33 @@ class RewardClient:
         status, payload = self._request(url, "POST", "/score", body,
                                         {"Content-Type": CONTENT_TYPE})
         if status != 200:
-            raise RewardServerError(f"reward server refused batch {batch_id}: HTTP {status}: "
-                                    f"{payload.get('error', payload)}")
-        return RewardResult(
-            batch_id=payload["batch_id"],
-            total=np.asarray(payload["total"]),
-            components={name: np.asarray(v) for name, v in payload["components"].items()},
-            cached=payload["cached"])
+            error = payload.get("error", payload) if isinstance(payload, dict) else payload
+            raise RewardServerError(_one_line(
+                f"reward server refused batch {batch_id}: HTTP {status}: {error}"))
+        try:
+            total, components = decode_result(payload)
+        except ProtocolError as e:
+            raise RewardServerError(_one_line(f"reward server's answer for batch {batch_id} "
+                                              f"is unusable: {e}")) from None
+        return RewardResult(batch_id=batch_id, total=total, components=components,
+                            cached=bool(payload.get("cached")))
 
     def _get(self, path: str) -> dict:
         status, payload = self._request(self._url, "GET", path, timeout=_GET_TIMEOUT)
         if status != 200:
-            raise RewardServerError(f"GET {path} answered HTTP {status}: {payload}")
+            error = payload.get("error", payload) if isinstance(payload, dict) else payload
+            raise RewardServerError(_one_line(f"GET {self._url}{path} answered HTTP {status}: {error}"))
         return payload
 
     def _request(self, url, method, path, body=None, headers=None, timeout=None):
         parsed = urllib.parse.urlsplit(url)
         connection = http.client.HTTPConnection(parsed.hostname, parsed.port,
                                                 timeout=timeout or self.request_timeout)
+        headers = dict(headers or {})
+        if self._token:
+            headers["Authorization"] = authorization(self._token)
         try:
-            connection.request(method, path, body=body, headers=headers or {})
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             content = response.read()
         finally:
@@ -216,6 +232,7 @@ class RewardClient:
         port_file = self._workdir / f"port-{self._generation}"
         log_path = self._workdir / "server.log"
         env = dict(os.environ)
+        env[TOKEN_ENV] = self._token
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
         with open(log_path, "ab") as log:
             self._process = subprocess.Popen([*self._command, "--port-file", str(port_file)],
@@ -240,3 +257,7 @@ class RewardClient:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
