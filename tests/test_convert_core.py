@@ -152,6 +152,15 @@ def test_load_casts_to_the_requested_dtype(tmp_path):
     np.testing.assert_array_equal(np.asarray(kernel), flat[("blocks", 0, "kernel")].astype(ml_dtypes.bfloat16))
 
 
+def test_shardings_that_miss_a_parameter_are_refused_by_name(tmp_path):
+    _, flat = tiny_params()
+    save_component(str(tmp_path), "tiny", {}, flat)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    partial = nnx.from_flat_state([(p, device) for p in flat if p != ("conv", "bias")])
+    with pytest.raises(ValueError, match="conv.bias"):
+        load_params(str(tmp_path), abstract_tiny(), shardings=partial)
+
+
 def test_save_materialises_lazy_arrays_one_at_a_time(tmp_path):
     _, flat = tiny_params()
     produced = []
