@@ -53,7 +53,7 @@ def measured(*command) -> tuple[int, float, dict]:
 @pytest.mark.slow
 def test_full_size_transformer_converts_and_loads_within_memory_targets(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
-    _, make_s, _ = measured(sys.executable, "tools/random_checkpoint.py", "--component",
+    make_rss, make_s, _ = measured(sys.executable, "tools/random_checkpoint.py", "--component",
                             "transformer", "--config", "tests/data/sd35m/transformer.json",
                             "--dst", str(src), "--dtype", "bfloat16")
     largest_file = max(os.path.getsize(src / n) for n in os.listdir(src)
@@ -62,7 +62,8 @@ def test_full_size_transformer_converts_and_loads_within_memory_targets(tmp_path
                                          "--src", str(src), "--dst", str(dst))
     load_rss, load_s, printed = measured(sys.executable, "-c", LOAD, str(dst), str(src))
     weights = int(printed["weights_bytes"])
-    report = (f"random checkpoint written in {make_s:.0f} s; largest source file "
+    report = (f"random checkpoint written in {make_s:.0f} s, peak RSS {make_rss / 1e9:.2f} GB; "
+              f"largest source file "
               f"{largest_file / 1e9:.2f} GB; converter peak RSS {convert_rss / 1e9:.2f} GB in "
               f"{convert_s:.0f} s; bf16 weights {weights / 1e9:.2f} GB; loader peak RSS "
               f"{load_rss / 1e9:.2f} GB in {load_s:.0f} s")
