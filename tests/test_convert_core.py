@@ -122,7 +122,8 @@ def abstract_tiny():
 def test_store_round_trip_and_damage(tmp_path):
     model, flat = tiny_params()
     save_component(str(tmp_path), "tiny", {"width": 4}, flat)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "flowgrpo_jax.json", "params.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "config.json", "flowgrpo_jax.json", "params.safetensors"]
     # The params file is plain safetensors keyed by dotted Flax paths, in the Flax layout.
     stored = load_file(str(tmp_path / "params.safetensors"))
     np.testing.assert_array_equal(stored["blocks.1.kernel"], flat[("blocks", 1, "kernel")])
@@ -149,7 +150,8 @@ def test_load_casts_to_the_requested_dtype(tmp_path):
     loaded = load_params(str(tmp_path), abstract_tiny(), dtype=jnp.bfloat16)
     kernel = loaded.blocks[0].kernel.get_value()
     assert kernel.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(kernel), flat[("blocks", 0, "kernel")].astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(np.asarray(kernel),
+                                  flat[("blocks", 0, "kernel")].astype(ml_dtypes.bfloat16))
 
 
 def test_shardings_that_miss_a_parameter_are_refused_by_name(tmp_path):
@@ -211,11 +213,13 @@ def test_read_tensor_reads_any_slice_in_bounded_chunks(tmp_path, monkeypatch, ch
     save_file({"a": a, "s": np.array(3.0, np.float32)}, str(tmp_path / "m.safetensors"))
     header, start = read_header(str(tmp_path / "m.safetensors"))
     for index in [None, (slice(1, 4),), (slice(None), slice(2, 5)),
-                  (slice(0, 5, 2), slice(1, 6, 3), slice(3, 7)), (slice(4, 5), slice(None), slice(0, 1))]:
+                  (slice(0, 5, 2), slice(1, 6, 3), slice(3, 7)),
+                  (slice(4, 5), slice(None), slice(0, 1))]:
         got = read_tensor(str(tmp_path / "m.safetensors"), header["a"], start, index)
         np.testing.assert_array_equal(got, a if index is None else a[index])
     assert read_tensor(str(tmp_path / "m.safetensors"), header["s"], start, ()) == 3.0
-    as_bf16 = read_tensor(str(tmp_path / "m.safetensors"), header["a"], start, None, ml_dtypes.bfloat16)
+    as_bf16 = read_tensor(str(tmp_path / "m.safetensors"), header["a"], start, None,
+                          ml_dtypes.bfloat16)
     np.testing.assert_array_equal(as_bf16, a.astype(ml_dtypes.bfloat16))
 
 

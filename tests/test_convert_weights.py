@@ -68,7 +68,8 @@ def test_load_pipeline_asks_shardings_for_each_component_by_name(tmp_path):
         return jax.tree.map(lambda _: device, abstract_state)
 
     pipeline = load_pipeline(str(tmp_path / "dst"), shardings=shardings)
-    assert sorted(asked) == ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"]
+    assert sorted(asked) == ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer",
+                             "vae"]
     assert pipeline.vae.decoder.conv_in.kernel.get_value().sharding == device
 
 

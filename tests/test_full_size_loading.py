@@ -17,8 +17,8 @@ SLACK_BYTES = 1.5e9
 
 # Runs the command as its only child, then prints that child's peak RSS (ru_maxrss is in KiB).
 PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-            "print('peak_rss_bytes', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
-            "sys.exit(code)")
+            "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024; "
+            "print('peak_rss_bytes', peak); sys.exit(code)")
 
 # Loads the converted transformer in bf16, checks one weight against the source, prints the
 # weights' size.

@@ -1,4 +1,4 @@
-"""Reads and writes safetensors files one tensor (or one slice of a tensor) at a time, without torch.
+"""Reads and writes safetensors files one tensor (or one slice of one) at a time, without torch.
 
 The format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
 shape and byte range within the data section, then the raw bytes. Doing it ourselves gives
@@ -70,7 +70,8 @@ def _is_int(value) -> bool:
 def _check_entry(path: str, name: str, info, data_start: int, size: int) -> None:
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
-        raise CheckpointError(f"{where}: header entry is a JSON {type(info).__name__}, not an object")
+        raise CheckpointError(f"{where}: header entry is a JSON {type(info).__name__}, "
+                              f"not an object")
     for field in ("dtype", "shape", "data_offsets"):
         if field not in info:
             raise CheckpointError(f"{where}: header entry has no {field!r}")
@@ -154,7 +155,8 @@ def _read_into(out: np.ndarray, reader: _Reader, offset: int, shape: tuple, rang
         part = rows[k:k + rows_per_read]
         span = part[-1] - part[0] + 1
         block = reader.read(offset + part[0] * row_bytes, span * row_items)
-        out[k:k + len(part)] = block.reshape(span, *shape[1:])[(slice(None, None, rows.step),) + inner]
+        block = block.reshape(span, *shape[1:])
+        out[k:k + len(part)] = block[(slice(None, None, rows.step),) + inner]
 
 
 def write_safetensors(path: str, tensors: Mapping) -> None:

@@ -134,7 +134,8 @@ def _shardings_by_name(shardings, abstract_params, flat_abstract) -> dict:
             for p, s in nnx.to_flat_state(shardings)}
     missing = [name for name in flat_abstract if name not in flat]
     if missing:
-        raise ValueError(f"shardings give no sharding for {len(missing)} parameters: {missing[:20]}")
+        raise ValueError(f"shardings give no sharding for {len(missing)} parameters: "
+                         f"{missing[:20]}")
     return flat
 
 
