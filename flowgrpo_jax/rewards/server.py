@@ -229,20 +229,29 @@ class _Handler(BaseHTTPRequestHandler):
         return self._receive(length)
 
     def _receive(self, length: int) -> bytearray:
-        """The body, read in chunks: memory grows with the bytes that arrive, not with the
-        length claimed. A bytearray, so reward functions get writable arrays."""
-        body = bytearray()
-        chunk = memoryview(bytearray(min(length, _BODY_CHUNK)))
-        while len(body) < length:
-            count = self.rfile.readinto(chunk[:length - len(body)])
-            if not count:
-                self._unread_body = False
-                self.close_connection = True
-                raise ProtocolError(f"body ended after {len(body)} of the {length} bytes announced")
+        """The body: its first MiB read in place (a small body is never copied), the rest
+        through a 1 MiB chunk appended to it, so memory grows with the bytes that arrive, not
+        with the length claimed. A bytearray, so reward functions get writable arrays."""
+        body, received = bytearray(min(length, _BODY_CHUNK)), 0
+        with memoryview(body) as view:
+            while received < len(body):
+                received += self._read_some(view[received:], received, length)
+        chunk = memoryview(bytearray(_BODY_CHUNK)) if received < length else None
+        while received < length:
+            count = self._read_some(chunk[:length - received], received, length)
             body += chunk[:count]
+            received += count
         self._unread_body = False
         self.reader.disarm()
         return body
+
+    def _read_some(self, view, received: int, length: int) -> int:
+        count = self.rfile.readinto(view)
+        if not count:
+            self._unread_body = False
+            self.close_connection = True
+            raise ProtocolError(f"body ended after {received} of the {length} bytes announced")
+        return count
 
     def _reply(self, status: int, payload: dict, headers=None) -> None:
         if self._unread_body:  # a refused body is not read: this connection cannot go on
