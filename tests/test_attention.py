@@ -1,5 +1,7 @@
-"""The CPU arrangement of attention ("xla" on a CPU backend) against jax.nn's XLA path, and the
-chunking it loops over."""
+"""Every attention implementation that runs here against jax.nn's XLA path: the CPU arrangement
+("xla" and "auto" lowered for a CPU), splash in Pallas interpret mode, the chunking the CPU path
+loops over, and the names. The TPU programs are checked by compiling for a TPU topology
+(tests/test_tpu_compile.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,11 +69,39 @@ def test_cpu_path_bf16_close_to_float32():
     np.testing.assert_allclose(out.astype(jnp.float32), _reference(q, k, v), atol=3e-2)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU path is chosen on a CPU backend")
-def test_xla_impl_takes_the_cpu_path_on_cpu():
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_a_cpu_lowering_takes_the_cpu_path(impl):
     q, k, v = _qkv(8, 288, 288, 4, 32)
-    ours = jax.jit(lambda *a: attention(*a, impl="xla"))(q, k, v)
+    ours = jax.jit(lambda *a: attention(*a, impl=impl))(q, k, v)
     np.testing.assert_array_equal(ours, jax.jit(lambda *a: attention_lib._cpu_attention(*a, None))(q, k, v))
+    # chosen by the platform the program is lowered for: the TPU lowering has no such loop
+    assert "while" in jax.jit(lambda *a: attention(*a, impl=impl)).lower(q, k, v).as_text()
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 200, 300, 2, 64),  # lengths padded to 256 and 384, key padding masked
+    (1, 128, 128, 3, 16),  # already aligned
+    (2, 5, 7, 1, 8),       # shorter than one block
+])
+def test_splash_in_interpret_mode_matches_jax_nn(shape):
+    q, k, v = _qkv(*shape, seed=6)
+    splash = lambda *a: attention(*a, impl="splash")
+    np.testing.assert_allclose(jax.jit(splash)(q, k, v), _reference(q, k, v), rtol=1e-5, atol=2e-6)
+    weights = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape[:3] + v.shape[3:]), jnp.float32)
+    loss = lambda fn: lambda *qkv: jnp.sum(fn(*qkv) * weights)
+    ours = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_splash_refuses_a_bias_and_cudnn_needs_a_gpu():
+    q, k, v = _qkv(1, 2, 2, 1, 8)
+    with pytest.raises(ValueError, match="splash' takes no bias"):
+        attention(q, k, v, bias=jnp.zeros((1, 1, 2, 2)), impl="splash")
+    if not attention_lib._has_backend("cuda"):
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            attention(q, k, v, impl="cudnn")
 
 
 def test_unknown_implementation_is_named():

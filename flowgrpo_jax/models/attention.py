@@ -1,17 +1,42 @@
 """One attention function for every model, with the implementation chosen by name.
 
 Inputs and output are (batch, length, heads, head_dim), the layout of
-`jax.nn.dot_product_attention`.
+`jax.nn.dot_product_attention`. Implementations:
+
+- "xla": the reference, softmax in float32: jax.nn's XLA path, or when lowered for a CPU the
+  same math as a loop over cache-sized blocks.
+- "cudnn": cuDNN's fused flash attention (CUDA GPUs, bf16/fp16).
+- "splash": the Pallas splash-attention kernel for TPUs; off a TPU it runs in Pallas interpret
+  mode (slow, for tests). No bias.
+- "auto": the fast kernel of the platform the computation is lowered for when the inputs
+  allow it (cuDNN: bf16/fp16, head_dim <= 128 and a multiple of 8, no bias; splash: no bias),
+  else "xla".
+
+The choice is made per target platform with `jax.lax.platform_dependent`, so a program
+compiled on a CPU host for a TPU (or run on a GPU) gets that platform's path, never the
+host's. Splash is a custom call the SPMD partitioner cannot split: under a mesh set with
+`jax.set_mesh`, it runs in a `shard_map` with the batch split over every mesh axis (the
+layout of the project's batches), so data parallelism moves no activations.
 """
+import concurrent.futures
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # Logits per loop step of the CPU path: 1 MiB of float32, so a step's logits and exponentials stay
 # in a core's L2 cache between the two matmuls instead of going through memory.
 _CPU_CHUNK_LOGITS = 1 << 18
+# Splash pads sequences to a multiple of this (the TPU's lane count) and takes the largest of
+# these power-of-two blocks that divides the padded length.
+_SPLASH_ALIGN = 128
+_SPLASH_MAX_BLOCK = 512
 
 
 def _chunk_size(rows: int, logits_per_row: int) -> int:
@@ -56,23 +81,114 @@ def _cpu_attention(q, k, v, bias):
     return jax.lax.fori_loop(0, batch * chunks_per_sample, step, out)
 
 
-def _xla_attention(q, k, v, bias):
-    # Chosen by the backend the computation is traced for: XLA:CPU gets the blocked loop, other
-    # backends jax.nn's XLA path (the same math as one fusion, which their compilers tile).
-    if jax.default_backend() == "cpu":
-        return _cpu_attention(q, k, v, bias)
+def _jax_nn_xla(q, k, v, bias):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
 
 
-def attention(q, k, v, *, bias=None, impl: str = "xla"):
-    """Softmax attention; `bias` broadcasts to (batch, heads, q_len, k_len).
+def _xla_attention(q, k, v, bias):
+    return jax.lax.platform_dependent(q, k, v, bias, cpu=_cpu_attention, default=_jax_nn_xla)
 
-    "xla" is the reference (softmax in float32 whatever the input dtype): jax.nn's XLA path,
-    or on a CPU backend the same math as a loop over cache-sized blocks; "cudnn" is the fused
-    flash kernel of `jax.nn.dot_product_attention` (GPU only, bf16/fp16 inputs).
-    """
+
+@functools.cache
+def _has_backend(platform: str) -> bool:
+    try:
+        jax.devices(platform)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _cudnn_fits(q, bias) -> bool:
+    head_dim = q.shape[-1]
+    return (bias is None and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128
+            and head_dim % 8 == 0)
+
+
+def _cudnn_attention(q, k, v, bias):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+
+
+def _padded(length: int) -> int:
+    return -(-length // _SPLASH_ALIGN) * _SPLASH_ALIGN
+
+
+@functools.cache
+def _splash_kernel(heads: int, q_len: int, k_len: int, interpret: bool):
+    """The splash kernel for one sample's (heads, padded length, head_dim) inputs: every query
+    attends to the first k_len keys (the rest is padding). Its mask tables are built in a
+    thread of its own, outside the trace and mesh that called for them (both are thread-local),
+    and kept as NumPy constants, so one cached kernel serves every trace and target."""
+    q_pad, k_pad = _padded(q_len), _padded(k_len)
+    block_q, block_k = math.gcd(q_pad, _SPLASH_MAX_BLOCK), math.gcd(k_pad, _SPLASH_MAX_BLOCK)
+    keys = np.zeros((q_pad, k_pad), np.bool_)
+    keys[:, :k_len] = True
+    mask = splash_mask.MultiHeadMask([splash_mask.NumpyMask(keys)] * heads)
+    blocks = splash_kernel.BlockSizes(
+        block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
+        block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
+        block_q_dq=block_q, block_kv_dq=block_k)
+
+    def build():
+        kernel = splash_kernel.make_splash_mha(mask, block_sizes=blocks, head_shards=1,
+                                               q_seq_shards=1, interpret=interpret)
+        return jax.tree.map(np.asarray, kernel)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(build).result()
+
+
+def _splash_local(q, k, v, *, interpret: bool):
+    """Splash over a batch held by one device: scale q, pad the lengths, vmap the kernel."""
+    batch, q_len, heads, head_dim = q.shape
+    k_len = k.shape[1]
+    kernel = _splash_kernel(heads, q_len, k_len, interpret)
+
+    def heads_major(x, length):
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, _padded(length) - length), (0, 0)))
+
+    q = (q * (1.0 / math.sqrt(head_dim))).astype(k.dtype)
+    out = jax.vmap(kernel)(heads_major(q, q_len), heads_major(k, k_len), heads_major(v, k_len))
+    return jnp.swapaxes(out[:, :, :q_len], 1, 2)
+
+
+def _splash_attention(q, k, v, *, interpret: bool):
+    mesh = jax.sharding.get_abstract_mesh()
+    local = functools.partial(_splash_local, interpret=interpret)
+    if mesh.empty or q.shape[0] % mesh.size:
+        return local(q, k, v)
+    batch = PartitionSpec(mesh.axis_names)
+    return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch,
+                         check_vma=False)(q, k, v)
+
+
+def _splash(q, k, v, bias):
+    del bias  # the callers pass None: splash takes no bias
+    return jax.lax.platform_dependent(
+        q, k, v, tpu=functools.partial(_splash_attention, interpret=False),
+        default=functools.partial(_splash_attention, interpret=True))
+
+
+def _auto_attention(q, k, v, bias):
+    cuda = _cudnn_attention if _has_backend("cuda") and _cudnn_fits(q, bias) else _jax_nn_xla
+    tpu = _splash if bias is None else _jax_nn_xla
+    return jax.lax.platform_dependent(q, k, v, bias, cpu=_cpu_attention, cuda=cuda, tpu=tpu,
+                                      default=_jax_nn_xla)
+
+
+def attention(q, k, v, *, bias=None, impl: str = "auto"):
+    """Softmax attention; `bias` broadcasts to (batch, heads, q_len, k_len). `impl` is one of
+    IMPLEMENTATIONS (the module docstring says what each does)."""
+    if impl == "auto":
+        return _auto_attention(q, k, v, bias)
     if impl == "xla":
         return _xla_attention(q, k, v, bias)
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+        if not _has_backend("cuda"):
+            raise ValueError("attention 'cudnn' needs a CUDA GPU; this host has none (use 'auto')")
+        return _cudnn_attention(q, k, v, bias)
+    if impl == "splash":
+        if bias is not None:
+            raise ValueError("attention 'splash' takes no bias; use 'auto' or 'xla' for this model")
+        return _splash(q, k, v, None)
     raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")

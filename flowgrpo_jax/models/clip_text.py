@@ -37,7 +37,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -50,7 +50,7 @@ class CLIPTextConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {IMPLEMENTATIONS}")
 
     @classmethod
-    def from_transformers(cls, config: Mapping, *, attention_impl: str = "xla") -> "CLIPTextConfig":
+    def from_transformers(cls, config: Mapping, *, attention_impl: str = "auto") -> "CLIPTextConfig":
         """Reads a transformers CLIPTextConfig config.json dict (other keys are bookkeeping)."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl"}
         return cls(**{k: v for k, v in config.items() if k in fields},

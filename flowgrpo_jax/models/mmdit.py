@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowgrpo_jax.models import remat
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS, attention
 
 TIMESTEP_CHANNELS = 256
@@ -43,8 +44,8 @@ class MMDiTConfig:
     pos_embed_max_size: int
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
-    remat: bool = False  # rematerialise each block's activations in the backward pass
-    attention_impl: str = "xla"
+    remat: str = "none"  # per-block policy for the backward pass (models/remat.py)
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "dual_attention_layers", tuple(self.dual_attention_layers))
@@ -59,14 +60,15 @@ class MMDiTConfig:
             raise ValueError(f"dual_attention_layers {outside} outside 0..{self.num_layers - 1}")
         if self.attention_impl not in IMPLEMENTATIONS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {IMPLEMENTATIONS}")
+        remat.check_policy(self.remat)
 
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
     @classmethod
-    def from_diffusers(cls, config: Mapping, *, remat: bool = False,
-                       attention_impl: str = "xla") -> "MMDiTConfig":
+    def from_diffusers(cls, config: Mapping, *, remat: str = "none",
+                       attention_impl: str = "auto") -> "MMDiTConfig":
         """Reads a diffusers `SD3Transformer2DModel` config.json dict.
 
         Bookkeeping keys (`_class_name`, `_diffusers_version`, ...) are ignored; an unknown
@@ -321,16 +323,15 @@ class JointTransformerBlock(nnx.Module):
         return x, context + c_gate_mlp[:, None] * self.ff_context(ff_in)
 
 
-def _run_block(block: JointTransformerBlock, x, context, temb):
-    return block(x, context, temb)
-
-
-def _run_block_remat(block: JointTransformerBlock, x, context, temb):
-    """`_run_block` with its activations recomputed in the backward pass. A pure function of
-    the block's state under jax.checkpoint: blocks mutate nothing, and unlike nnx.remat this
-    also works when the parameters are closed over rather than traced."""
+def _run_block(block: JointTransformerBlock, x, context, temb, policy: str):
+    """One block under the remat policy, as a pure function of the block's state: blocks mutate
+    nothing, and unlike nnx.remat this also works when the parameters are closed over rather
+    than traced."""
+    if policy == "none":
+        return block(x, context, temb)
     graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda s, *args: nnx.merge(graphdef, s)(*args))(state, x, context, temb)
+    run = remat.rematerialised(lambda s, *args: nnx.merge(graphdef, s)(*args), policy)
+    return run(state, x, context, temb)
 
 
 def _unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
@@ -374,9 +375,8 @@ class MMDiT(nnx.Module):
         hidden = self.pos_embed(x)
         temb = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        run_block = _run_block_remat if config.remat else _run_block
         for block in self.transformer_blocks:
-            hidden, context = run_block(block, hidden, context, temb)
+            hidden, context = _run_block(block, hidden, context, temb, config.remat)
         scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: scale first
         hidden = self.proj_out(_modulate(_layer_norm(hidden), shift, scale, self.dtype))
         return _unpatchify(hidden, x.shape[1], x.shape[2], config.patch_size)

@@ -38,7 +38,7 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")
@@ -61,7 +61,7 @@ class T5Config:
         return self.feed_forward_proj.split("-")[-1]
 
     @classmethod
-    def from_transformers(cls, config: Mapping, *, attention_impl: str = "xla") -> "T5Config":
+    def from_transformers(cls, config: Mapping, *, attention_impl: str = "auto") -> "T5Config":
         """Reads a transformers T5Config config.json dict (other keys are bookkeeping)."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl"}
         return cls(**{k: v for k, v in config.items() if k in fields},

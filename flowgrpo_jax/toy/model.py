@@ -47,7 +47,7 @@ class ToyModelConfig:
     max_length: int = DEFAULT_MAX_LENGTH
     shift: float = 3.0  # flow-match shift of the sampler's schedule and of pretraining's times
 
-    def mmdit_config(self, remat: bool = False) -> MMDiTConfig:
+    def mmdit_config(self, remat: str = "none") -> MMDiTConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:

@@ -74,7 +74,7 @@ class EncoderBlock(nnx.Module):
     """Pre-norm transformer block: masked self-attention, then a GELU MLP."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "xla"):
+                 dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "auto"):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -105,7 +105,7 @@ class TextEncoder(nnx.Module):
     def __init__(self, vocab_size: int, max_length: int = DEFAULT_MAX_LENGTH, width: int = 64,
                  depth: int = 2, heads: int = 4, mlp_ratio: int = 4, embed_std: float = 1.0, *,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "auto"):
         self.max_length = max_length
         # embed_std: init std of the word and position embeddings. At 0.02 the blocks' outputs
         # (size ~1) swamp the token identity in the residual stream and pretraining leaves the
