@@ -3,7 +3,9 @@
 Run as a script (tests/test_parallel.py does, with 8 fake CPU devices) it compares one update
 on meshes 2x4, 4x2 and 8x1 with the same update on one device.
 """
+import dataclasses
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +34,10 @@ def _apply(model, x, t, text):
 
 
 @functools.lru_cache(maxsize=None)
-def _model():
-    """The tiny model with LoRA, split for training; one velocity function object for all tests
-    so that the jitted rollout compiles once."""
-    model = MMDiT(CONFIG, rngs=nnx.Rngs(0))
+def _model(remat="none"):
+    """The tiny model with LoRA, split for training; one velocity function object per remat
+    policy for all tests, so that the jitted rollout compiles once."""
+    model = MMDiT(dataclasses.replace(CONFIG, remat=remat), rngs=nnx.Rngs(0))
     apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
     graphdef, lora, frozen = ts.split_model(model, lora=True)
     return ts.nnx_velocity(graphdef, _apply), lora, frozen
@@ -67,14 +69,15 @@ def _data(lora_b_scale=0.02, logp_offset=2e-4, batch_size=16, kind="sde"):
 _STEPS = {}
 
 
-def _run_steps(mesh, num_updates=2, lora_b_scale=0.02, logp_offset=2e-4, **config_overrides):
-    velocity, _, frozen = _model()
+def _run_steps(mesh, num_updates=2, lora_b_scale=0.02, logp_offset=2e-4, remat="none",
+               **config_overrides):
+    velocity, _, frozen = _model(remat)
     lora, batch, uncond = _data(lora_b_scale, logp_offset)
     settings = dict(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
     config = ts.StepConfig(**{**settings, **config_overrides})
     optimizer = ts.make_optimizer()
     state = ts.create_train_state(lora, optimizer, mesh)  # new buffers: `lora` survives donation
-    key = (config, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
+    key = (config, remat, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
     if key not in _STEPS:
         _STEPS[key] = ts.make_train_step(velocity, optimizer, config, mesh, state=state, frozen=frozen)
     frozen = jax.device_put(frozen, parallel.state_shardings(frozen, mesh))
@@ -139,10 +142,11 @@ def test_zero_lora_has_zero_kl_and_metrics_are_sane():
     assert _max_abs_diff(state.ema_params, expected) < 1e-7
 
 
-def test_remat_gives_the_same_update():
+@pytest.mark.parametrize("policy", ["block", "block_save_dots"])
+def test_remat_gives_the_same_update(policy):
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     plain, _ = _run_steps(mesh, num_updates=1)
-    remat, _ = _run_steps(mesh, num_updates=1, remat=True)
+    remat, _ = _run_steps(mesh, num_updates=1, remat=policy)
     assert _max_abs_diff(plain.params, remat.params) < 1e-7
 
 

@@ -129,7 +129,8 @@ def test_bf16_compute_close_to_fp32_reference(case, param_dtype):
     assert error < min(2e-2, 2 * diffusers_error)
 
 
-def test_remat_recomputes_blocks_and_keeps_the_gradient():
+@pytest.mark.parametrize("policy", ["block", "block_save_dots"])
+def test_remat_recomputes_blocks_and_keeps_the_gradient(policy):
     config = dict(TINY, num_layers=2, dual_attention_layers=(0,), qk_norm="rms_norm")
     reference = _reference(config)
     inputs = {k: jnp.asarray(v) for k, v in _inputs(config, (2, 6, 4), 3).items()}
@@ -139,7 +140,7 @@ def test_remat_recomputes_blocks_and_keeps_the_gradient():
         return jax.grad(lambda x: jnp.mean(nnx.merge(graphdef, state)(**dict(inputs, x=x)) ** 2))
 
     plain = input_gradient(_convert(reference))
-    remat_model = _convert(reference, remat=True)
+    remat_model = _convert(reference, remat=policy)
     remat = input_gradient(remat_model)
     # jax.checkpoint shows as a remat primitive in the gradient's jaxpr
     assert "remat" in str(jax.make_jaxpr(remat)(inputs["x"]))
@@ -209,8 +210,8 @@ def test_every_parameter_has_logical_axes():
 
 def test_config_from_diffusers_reads_sd3_and_rejects_bad_configs():
     sd3_medium = dict(TINY, _class_name="SD3Transformer2DModel", _diffusers_version="0.29.0")
-    config = MMDiTConfig.from_diffusers(sd3_medium, remat=True)
-    assert config.dual_attention_layers == () and config.qk_norm is None and config.remat
+    config = MMDiTConfig.from_diffusers(sd3_medium, remat="block")
+    assert config.dual_attention_layers == () and config.qk_norm is None and config.remat == "block"
     assert MMDiTConfig.from_diffusers(dict(TINY, out_channels=None)).out_channels == TINY["in_channels"]
     sd35m = MMDiTConfig.from_diffusers(_sd35m_diffusers_config())
     assert sd35m.dual_attention_layers == tuple(range(13)) and sd35m.qk_norm == "rms_norm"

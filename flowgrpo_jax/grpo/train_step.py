@@ -41,7 +41,6 @@ class StepConfig:
     clip_range: float = 1e-4
     beta: float = 0.04
     ema_max_decay: float = 0.9
-    remat: bool = False
 
 
 class TrainBatch(NamedTuple):
@@ -187,8 +186,6 @@ def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformati
         return grpo_loss(out.log_prob, old_log_prob, advantages, out.mean, ref_mean, out.std,
                          clip_range=config.clip_range, beta=config.beta)
 
-    if config.remat:
-        step_loss = jax.checkpoint(step_loss)
     grad_fn = jax.grad(step_loss, has_aux=True)
 
     def train_step(state: TrainState, frozen, reference, batch: TrainBatch, uncond_text):
