@@ -142,7 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
         text = message or HTTPStatus(code).phrase
         self._reply(code, {"error": f"{text}: {explain}" if explain else text})
 
-    def do_GET(self):
+    def _route(self):
+        """GET and POST alike: the token, then the endpoint, then the method."""
         self._unread_body = "Transfer-Encoding" in self.headers or any(
             value.strip() != "0" for value in self.headers.get_all("Content-Length", []))
         if not self._authorized():
@@ -163,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reply(HTTPStatus.OK, self.server.service.stats_snapshot())
 
-    do_POST = do_GET
+    do_GET = do_POST = _route
 
     def _score(self):
         try:
