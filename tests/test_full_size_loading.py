@@ -54,7 +54,7 @@ def measured(*command) -> tuple[int, float, dict]:
 def test_full_size_transformer_converts_and_loads_within_memory_targets(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_rss, make_s, _ = measured(sys.executable, "tools/random_checkpoint.py", "--component",
-                            "transformer", "--config", "tests/data/sd35m/transformer.json",
+                            "transformer", "--config", "flowgrpo_jax/models/sd35m/transformer.json",
                             "--dst", str(src), "--dtype", "bfloat16")
     largest_file = max(os.path.getsize(src / n) for n in os.listdir(src)
                        if n.endswith(".safetensors"))

@@ -18,8 +18,9 @@ from flax import nnx
 from flowgrpo_jax.convert.core import ConversionError, convert, plan, target_shapes
 from flowgrpo_jax.convert.mmdit_table import RULES
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
+from flowgrpo_jax.models import SD35M_CONFIGS
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "sd35m")
+DATA = SD35M_CONFIGS
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
             num_attention_heads=3, joint_attention_dim=20, caption_projection_dim=24,

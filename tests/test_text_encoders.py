@@ -20,8 +20,9 @@ from flowgrpo_jax.convert.core import convert, plan, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.models.clip_text import CLIPTextConfig, CLIPTextModelWithProjection
 from flowgrpo_jax.models.t5 import T5Config, T5EncoderModel, relative_position_buckets
+from flowgrpo_jax.models import SD35M_CONFIGS
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "sd35m")
+DATA = SD35M_CONFIGS
 TOLERANCE = 1e-5
 VOCAB, BOS, EOS = 100, 98, 99
 

@@ -14,8 +14,9 @@ from flowgrpo_jax.convert.core import ConversionError, convert, plan, target_sha
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.convert.vae_table import RULES
 from flowgrpo_jax.models.vae import AutoencoderKL, VAEConfig
+from flowgrpo_jax.models import SD35M_CONFIGS
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "sd35m")
+DATA = SD35M_CONFIGS
 TOLERANCE = 1e-5
 
 

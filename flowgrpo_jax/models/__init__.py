@@ -7,7 +7,13 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
-from flowgrpo_jax.models.components import load_component
+from flowgrpo_jax.models.components import component_by_kind, load_component, read_component_info
+
+# The component configs of stabilityai/stable-diffusion-3.5-medium, for shapes without weights.
+SD35M_CONFIGS = os.path.join(os.path.dirname(__file__), "sd35m")
+# model_index.json entry -> component kind, in the order SD3Pipeline holds them.
+_MODELS = {"transformer": "transformer", "vae": "vae", "text_encoder": "clip_text",
+           "text_encoder_2": "clip_text", "text_encoder_3": "t5_encoder"}
 
 
 def load_transformer(path: str, dtype=jnp.float32, compute_dtype=None, shardings=None):
@@ -75,28 +81,19 @@ def _load_tokenizer(folder: str, class_name: str):
     return getattr(transformers, class_name).from_pretrained(folder)
 
 
-def _load_scheduler(folder: str) -> SchedulerConfig:
-    config = _read_json(os.path.join(folder, "scheduler_config.json"))
+def _load_scheduler(path: str) -> SchedulerConfig:
+    config = _read_json(path)
     if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
-        raise ValueError(f"{folder}: scheduler {config.get('_class_name')!r} not supported; "
+        raise ValueError(f"{path}: scheduler {config.get('_class_name')!r} not supported; "
                          f"only FlowMatchEulerDiscreteScheduler")
     if config.get("use_dynamic_shifting"):
-        raise ValueError(f"{folder}: use_dynamic_shifting (resolution-dependent shift) not supported")
+        raise ValueError(f"{path}: use_dynamic_shifting (resolution-dependent shift) not supported")
     return SchedulerConfig(float(config.get("shift", 1.0)),
                            int(config.get("num_train_timesteps", 1000)))
 
 
-def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None,
-                  shardings=None) -> SD3Pipeline:
-    """Loads a pipeline folder converted with tools/convert_weights.py.
-
-    Every model's parameters are cast to `dtype`, activations run in `compute_dtype` (default
-    `dtype`). `shardings`, if given, is a callable `(component name, abstract param state) ->
-    pytree of jax.sharding.Sharding` (names as in model_index.json: "transformer", "vae",
-    "text_encoder", "text_encoder_2", "text_encoder_3"); each parameter is read straight into
-    its sharding. Default: everything on the first local device. Raises FileNotFoundError /
-    ValueError (ComponentLoadError) naming what is missing.
-    """
+def _read_index(path: str) -> dict:
+    """model_index.json's entries of a converted pipeline folder, after checking them."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory")
     index_path = os.path.join(path, "model_index.json")
@@ -110,22 +107,52 @@ def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None,
         raise ValueError(f"{path}: model_index.json lacks {missing}, needed for SD3 sampling")
     if ("text_encoder_3" in index) != ("tokenizer_3" in index):
         raise ValueError(f"{path}: text_encoder_3 and tokenizer_3 must be present together")
+    return index
 
-    def model(name, kind):
+
+def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None, shardings=None,
+                  options=None) -> SD3Pipeline:
+    """Loads a pipeline folder converted with tools/convert_weights.py.
+
+    Every model's parameters are cast to `dtype`, activations run in `compute_dtype` (default
+    `dtype`). `shardings`, if given, is a callable `(component name, abstract param state) ->
+    pytree of jax.sharding.Sharding` (names as in model_index.json: "transformer", "vae",
+    "text_encoder", "text_encoder_2", "text_encoder_3"); each parameter is read straight into
+    its sharding. Default: everything on the first local device. `options` are run-time
+    settings ({"remat": ..., "attention_impl": ...}) each model takes what it knows of. Raises
+    FileNotFoundError / ValueError (ComponentLoadError) naming what is missing.
+    """
+    index = _read_index(path)
+
+    def model(name):
+        if name not in index:
+            return None
         placement = None if shardings is None else functools.partial(shardings, name)
-        return load_component(path, kind, name, dtype, compute_dtype, placement)
+        return load_component(path, _MODELS[name], name, dtype, compute_dtype, placement, options)
 
     def tokenizer(name):
-        return _load_tokenizer(os.path.join(path, name), index[name][1])
+        return _load_tokenizer(os.path.join(path, name), index[name][1]) if name in index else None
 
-    has_t5 = "text_encoder_3" in index
     return SD3Pipeline(
-        transformer=model("transformer", "transformer"),
-        vae=model("vae", "vae"),
-        text_encoder=model("text_encoder", "clip_text"),
-        text_encoder_2=model("text_encoder_2", "clip_text"),
-        text_encoder_3=model("text_encoder_3", "t5_encoder") if has_t5 else None,
-        tokenizer=tokenizer("tokenizer"),
-        tokenizer_2=tokenizer("tokenizer_2"),
-        tokenizer_3=tokenizer("tokenizer_3") if has_t5 else None,
-        scheduler=_load_scheduler(os.path.join(path, "scheduler")))
+        *(model(name) for name in _MODELS),
+        tokenizer=tokenizer("tokenizer"), tokenizer_2=tokenizer("tokenizer_2"),
+        tokenizer_3=tokenizer("tokenizer_3"),
+        scheduler=_load_scheduler(os.path.join(path, "scheduler", "scheduler_config.json")))
+
+
+def abstract_pipeline(path: str | None = None, dtype=jnp.float32, compute_dtype=None,
+                      options=None) -> SD3Pipeline:
+    """The pipeline's models as shapes only (nnx.eval_shape), no weights read and no tokenizers:
+    from a converted pipeline folder's configs, or with `path` None SD3.5 Medium's."""
+    if path is None:
+        configs = {name: _read_json(os.path.join(SD35M_CONFIGS, f"{name}.json")) for name in _MODELS}
+        scheduler = os.path.join(SD35M_CONFIGS, "scheduler.json")
+    else:
+        index = _read_index(path)
+        configs = {name: read_component_info(os.path.join(path, name), _MODELS[name])
+                   for name in _MODELS if name in index}
+        scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
+    models = [component_by_kind(_MODELS[name]).abstract_model(
+        configs[name], dtype, compute_dtype, options) if name in configs else None for name in _MODELS]
+    return SD3Pipeline(*models, tokenizer=None, tokenizer_2=None, tokenizer_3=None,
+                       scheduler=_load_scheduler(scheduler))

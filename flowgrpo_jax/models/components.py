@@ -17,19 +17,24 @@ class Component:
     model: str                # "module:Class"; Class(config, rngs=, param_dtype=, dtype=)
     config: str               # "module:function" parsing the source config.json dict
     rules: str                # "module:RULES", the conversion table
+    options: tuple = ()       # the run-time settings its config parser takes (remat, attention)
 
     def _get(self, ref: str):
         module, name = ref.split(":")
         return functools.reduce(getattr, name.split("."), importlib.import_module(module))
 
-    def parse_config(self, config: dict):
-        return self._get(self.config)(config)
+    def parse_config(self, config: dict, options=None):
+        """The source config.json dict as the model's config; of `options` (a dict of run-time
+        settings for every component) it takes those it knows."""
+        taken = {k: v for k, v in (options or {}).items() if k in self.options}
+        return self._get(self.config)(config, **taken)
 
     def conversion_rules(self):
         return self._get(self.rules)
 
-    def abstract_model(self, config: dict, param_dtype=jnp.float32, dtype=None) -> nnx.Module:
-        cls, cfg = self._get(self.model), self.parse_config(config)
+    def abstract_model(self, config: dict, param_dtype=jnp.float32, dtype=None,
+                       options=None) -> nnx.Module:
+        cls, cfg = self._get(self.model), self.parse_config(config, options)
         return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
                                           dtype=dtype or param_dtype))
 
@@ -37,17 +42,17 @@ class Component:
 COMPONENTS = (
     Component("transformer", ("SD3Transformer2DModel",), "flowgrpo_jax.models.mmdit:MMDiT",
               "flowgrpo_jax.models.mmdit:MMDiTConfig.from_diffusers",
-              "flowgrpo_jax.convert.mmdit_table:RULES"),
+              "flowgrpo_jax.convert.mmdit_table:RULES", ("remat", "attention_impl")),
     Component("vae", ("AutoencoderKL",), "flowgrpo_jax.models.vae:AutoencoderKL",
               "flowgrpo_jax.models.vae:VAEConfig.from_diffusers",
               "flowgrpo_jax.convert.vae_table:RULES"),
     Component("clip_text", ("CLIPTextModelWithProjection",),
               "flowgrpo_jax.models.clip_text:CLIPTextModelWithProjection",
               "flowgrpo_jax.models.clip_text:CLIPTextConfig.from_transformers",
-              "flowgrpo_jax.convert.clip_table:RULES"),
+              "flowgrpo_jax.convert.clip_table:RULES", ("attention_impl",)),
     Component("t5_encoder", ("T5EncoderModel",), "flowgrpo_jax.models.t5:T5EncoderModel",
               "flowgrpo_jax.models.t5:T5Config.from_transformers",
-              "flowgrpo_jax.convert.t5_table:RULES"),
+              "flowgrpo_jax.convert.t5_table:RULES", ("attention_impl",)),
 )
 
 
@@ -79,13 +84,15 @@ def resolve_component_dir(path: str, subfolder: str) -> str:
 
 
 def load_component(path: str, kind: str, subfolder: str, dtype=jnp.float32, compute_dtype=None,
-                   shardings=None) -> nnx.Module:
+                   shardings=None, options=None) -> nnx.Module:
     """A converted `kind` component from its folder or a pipeline folder's `subfolder`.
 
     `shardings`: None (first local device), a pytree like nnx.state(model, nnx.Param) of
     jax.sharding.Sharding, or a callable from the abstract param state to one (see load_params).
+    `options`: run-time settings ({"remat": ..., "attention_impl": ...}); each component takes
+    those its config knows.
     """
     folder = resolve_component_dir(path, subfolder)
     config = read_component_info(folder, kind)
-    abstract = component_by_kind(kind).abstract_model(config, dtype, compute_dtype)
+    abstract = component_by_kind(kind).abstract_model(config, dtype, compute_dtype, options)
     return load_params(folder, abstract, dtype=dtype, shardings=shardings)
