@@ -14,7 +14,9 @@ import os
 
 import ml_collections
 
+from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from flowgrpo_jax.models.lora import DEFAULT_TARGETS
+from flowgrpo_jax.models.remat import POLICIES as REMAT_POLICIES
 from flowgrpo_jax.toy.prompts import DATA_DIR
 
 
@@ -84,11 +86,15 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.drop_zero_std_groups = False
     c.train.ema = True  # evaluate and export the EMA of the trained params
     c.train.ema_max_decay = 0.9
-    c.train.remat = False
+    # Per-block rematerialisation of the velocity network in the backward pass: "none",
+    # "block" (least memory) or "block_save_dots" (models/remat.py). SD3.5-M needs "block" to
+    # train a micro batch of 2+ images per 16 GB chip (README, "Memory").
+    c.train.remat = "block"
 
     c.reward = ml_collections.ConfigDict()
     c.reward.rewards = "toy_geneval:1.0"  # "name:weight,..." from the reward registry
     c.reward.url = ""  # a running reward server; "" starts a local one per process
+    c.reward.token = ""  # the server's shared secret (--token); "" with a local server: a random one
     c.reward.options = ml_collections.ConfigDict()  # {"pickscore": {"model": "/path"}}
     c.reward.plugins = ()  # modules or .py files registering more rewards
     c.reward.overlap = True  # score chunk i while chunk i+1 samples (False: wait each chunk)
@@ -169,6 +175,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         _fail("sample.group_size", s.group_size, "needs >= 2 images per prompt to compare them")
     if s.kind == "cps" and not s.noise_level < 1:
         _fail("sample.noise_level", s.noise_level, "CPS needs a noise level in (0, 1)")
+    if t.remat not in REMAT_POLICIES:
+        _fail("train.remat", t.remat, f"must be one of {REMAT_POLICIES}")
+    attention = config.model.get("attention", "auto")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        _fail("model.attention", attention, f"must be one of {ATTENTION_IMPLEMENTATIONS}")
     if t.lr_schedule not in LR_SCHEDULES:
         _fail("train.lr_schedule", t.lr_schedule, f"must be one of {LR_SCHEDULES}")
     if not 0 <= t.ema_max_decay < 1:
@@ -245,17 +256,18 @@ def tiny(config, rewards: str) -> ml_collections.ConfigDict:
     s.eval_batch_size, s.num_eval_prompts = 8, 8
     if s.window_size:
         s.window_size, s.window_lo, s.window_hi = 2, 0, 3
-    config.train.micro_batch_size = 8
+    config.train.micro_batch_size, config.train.remat = 8, "none"
     config.num_epochs, config.eval_every, config.save_every = 2, 0, 1
     config.logging.num_images = 8
     return config
 
 
 def sd35m_model(path: str = "sd35m-flax") -> ml_collections.ConfigDict:
-    """SD3.5 Medium converted by tools/convert_weights.py, at 512 px in bf16."""
+    """SD3.5 Medium converted by tools/convert_weights.py, at 512 px in bf16, attention by
+    platform (models/attention.py)."""
     return ml_collections.ConfigDict({
         "family": "sd3", "path": path, "resolution": 512, "dtype": "bfloat16",
-        "max_sequence_length": 128})
+        "max_sequence_length": 128, "attention": "auto"})
 
 
 def fast(config, *, cfg: bool = True) -> ml_collections.ConfigDict:

@@ -40,7 +40,7 @@ from flowgrpo_jax.sampling.rollout import rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 from flowgrpo_jax.toy.checker import score_batch
 from flowgrpo_jax.toy.prompts import load_prompts
-from flowgrpo_jax.train import build_trainable_model, optimizer_for_config  # as the trainer builds them
+from flowgrpo_jax.programs import build_trainable_model, optimizer_for_config  # as the trainer builds them
 
 
 def load_config(path: str):

@@ -4,6 +4,11 @@ Parameters carry logical axis names ("embed", "mlp", "heads", ...; see the model
 rule table maps each name to mesh axes, so data parallelism, FSDP or a mix is a config change:
 the default shards "embed" over `fsdp` and replicates every other parameter dim, and splits
 the batch over both axes. A dim whose size the mesh axes do not divide stays replicated.
+
+A generator's modules are placed by role (`placement`): the velocity network by the rules,
+the frozen text encoders fully sharded over every device whatever the mesh (T5-XXL alone is
+9.5 GB in bf16, and they run once per rollout chunk, so gathering their weights costs little),
+the decoder replicated.
 """
 import math
 
@@ -15,6 +20,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 DATA, FSDP = "data", "fsdp"
 BATCH = "batch"
 DEFAULT_RULES = ((BATCH, (DATA, FSDP)), ("embed", FSDP))
+ENCODER_RULES = ((BATCH, (DATA, FSDP)), ("embed", (DATA, FSDP)))
+REPLICATED_RULES = ((BATCH, (DATA, FSDP)),)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -107,3 +114,25 @@ def shard_batch(batch, mesh, rules=DEFAULT_RULES):
         return jax.device_put(leaf, sharding)
 
     return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def placement(mesh, rules=DEFAULT_RULES):
+    """place(role, state) -> NamedShardings for a generator module of `role` (generator.ROLES):
+    "model" by `rules`, "encoder" fully sharded, "decoder" replicated."""
+    by_role = {"model": rules, "encoder": ENCODER_RULES, "decoder": REPLICATED_RULES}
+    return lambda role, state: state_shardings(state, mesh, by_role[role])
+
+
+def place(tree, shardings):
+    """`tree` with every leaf on its sharding. Leaves already there stay as they are (a model
+    read straight into its shardings is not copied); others (host values or arrays on one
+    device, the same on every process) are cut into their shards on the host, so this works
+    with several processes too."""
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)

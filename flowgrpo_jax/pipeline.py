@@ -8,6 +8,7 @@ jitted functions; models enter them as `nnx.split` state with the graphdef stati
 calls with the same shapes reuse the compiled code.
 """
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from flowgrpo_jax.generator import Generator
-from flowgrpo_jax.models import SD3Pipeline, load_pipeline
+from flowgrpo_jax.models import SD3Pipeline, abstract_pipeline, load_pipeline
 from flowgrpo_jax.sampling.rollout import rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
@@ -65,9 +66,9 @@ def tokenize(pipeline: SD3Pipeline, prompts, max_sequence_length: int = 256) -> 
     return PromptTokens(ids(pipeline.tokenizer, clip_length), ids(pipeline.tokenizer_2, clip_length), t5)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "t5_length", "joint_dim"))
-def _encode(graphdef, state, tokens: PromptTokens, *, t5_length: int, joint_dim: int) -> TextEmbeddings:
-    clip_l, clip_g, t5 = nnx.merge(graphdef, state)
+def text_embeddings(encoders, tokens: PromptTokens, *, t5_length: int, joint_dim: int) -> TextEmbeddings:
+    """Pure: the (CLIP-L, CLIP-G, T5 or None) encoders' text conditioning of token ids."""
+    clip_l, clip_g, t5 = encoders
     out_l, out_g = clip_l(tokens.clip_l), clip_g(tokens.clip_g)
     # clip_skip None in diffusers: the penultimate layer's states, before the final norm.
     clip_states = jnp.concatenate([out_l.hidden_states[-2], out_g.hidden_states[-2]], axis=-1)
@@ -81,6 +82,11 @@ def _encode(graphdef, state, tokens: PromptTokens, *, t5_length: int, joint_dim:
     clip_states = jnp.pad(clip_states, ((0, 0), (0, 0), (0, width - clip_states.shape[-1])))
     pooled = jnp.concatenate([out_l.text_embeds, out_g.text_embeds], axis=-1)
     return TextEmbeddings(jnp.concatenate([clip_states, t5_states], axis=1), pooled)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "t5_length", "joint_dim"))
+def _encode(graphdef, state, tokens: PromptTokens, *, t5_length: int, joint_dim: int) -> TextEmbeddings:
+    return text_embeddings(nnx.merge(graphdef, state), tokens, t5_length=t5_length, joint_dim=joint_dim)
 
 
 def encode_tokens(pipeline: SD3Pipeline, tokens: PromptTokens, max_sequence_length: int = 256) -> TextEmbeddings:
@@ -179,16 +185,25 @@ def sample_latents(pipeline: SD3Pipeline, prompts, *, steps: int, guidance: floa
     return out.final_latents
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode(graphdef, state, latents):
-    vae = nnx.merge(graphdef, state)
+def decoded_images(vae, latents) -> jax.Array:
+    """Pure: diffusion latents (B, h, w, 16) -> float32 NHWC images in [0, 1] (diffusers'
+    output_type="np": undo scaling and shift, VAE decode, images/2 + 0.5 clamped)."""
     images = vae.decode_latents(latents)  # the VAE casts to its compute dtype
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+def decoded_uint8(vae, latents) -> jax.Array:
+    """Pure: `decoded_images` as uint8, rounded like diffusers' numpy_to_pil (`to_uint8`)."""
+    return jnp.round(decoded_images(vae, latents) * 255).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode(graphdef, state, latents):
+    return decoded_images(nnx.merge(graphdef, state), latents)
+
+
 def decode(pipeline: SD3Pipeline, latents) -> jax.Array:
-    """Diffusion latents (B, h, w, 16) -> float32 NHWC images in [0, 1] (diffusers'
-    output_type="np": undo scaling and shift, VAE decode, images/2 + 0.5 clamped)."""
+    """Jitted `decoded_images` of the pipeline's VAE."""
     graphdef, state = nnx.split(pipeline.vae)
     return _decode(graphdef, state, jnp.asarray(latents))
 
@@ -217,24 +232,44 @@ def sample(pipeline: SD3Pipeline, prompts, *, steps: int = 40, guidance: float =
     return to_uint8(decode(pipeline, final))
 
 
-def sd3_generator(model_config) -> Generator:
-    """The SD3 / SD3.5 pipeline as the RL code's `Generator`.
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# The role (generator.ROLES) each pipeline model plays, for the trainer's placement.
+_ROLES = {"transformer": "model", "vae": "decoder"}
+
+
+def sd3_generator(model_config, *, remat: str = "none", place=None, abstract: bool = False) -> Generator:
+    """The SD3 / SD3.5 pipeline as the RL code's `Generator` (see generator.load_generator).
 
     model_config: `path` (a converted pipeline folder), optional `dtype` ("bfloat16", or
-    "float32"), `resolution` (512 px, square) and `max_sequence_length` (T5 tokens, 128).
+    "float32"), `resolution` (512 px, square), `max_sequence_length` (T5 tokens, 128) and
+    `attention` (models/attention.py, "auto"). Abstract without a folder at `path`: SD3.5
+    Medium's shapes.
     """
-    dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
     dtype = model_config.get("dtype", "bfloat16")
-    if dtype not in dtypes:
-        raise ValueError(f"model dtype {dtype!r} not one of {sorted(dtypes)}")
-    pipeline = load_pipeline(model_config.path, dtype=dtypes[dtype])
+    if dtype not in _DTYPES:
+        raise ValueError(f"model dtype {dtype!r} not one of {sorted(_DTYPES)}")
+    options = {"remat": remat, "attention_impl": model_config.get("attention", "auto")}
+    if abstract:
+        folder = model_config.path if os.path.isdir(model_config.path) else None
+        pipeline = abstract_pipeline(folder, dtype=_DTYPES[dtype], options=options)
+    else:
+        shardings = None if place is None else (
+            lambda name, state: place(_ROLES.get(name, "encoder"), state))
+        pipeline = load_pipeline(model_config.path, dtype=_DTYPES[dtype], shardings=shardings,
+                                 options=options)
     length = model_config.get("max_sequence_length", 128)
-    shape = _latent_shape(pipeline, model_config.get("resolution", 512),
-                          model_config.get("resolution", 512), None)
-
-    def encode(prompts) -> TextEmbeddings:
-        return encode_tokens(pipeline, tokenize(pipeline, list(prompts), length), length)
-
-    return Generator(model=pipeline.transformer, apply=apply_transformer, encode=encode,
-                     decode=lambda latents: to_uint8(decode(pipeline, latents)),
-                     latent_shape=tuple(shape), shift=pipeline.scheduler.shift)
+    resolution = model_config.get("resolution", 512)
+    shape = _latent_shape(pipeline, resolution, resolution, None)
+    clip_length = (pipeline.tokenizer.model_max_length if pipeline.tokenizer is not None
+                   else pipeline.text_encoder.config.max_position_embeddings)
+    ids = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)
+    token_shapes = PromptTokens(ids(clip_length), ids(clip_length),
+                                ids(length) if pipeline.text_encoder_3 is not None else None)
+    return Generator(
+        model=pipeline.transformer, apply=apply_transformer,
+        encoder=(pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3),
+        tokenize=None if abstract else functools.partial(tokenize, pipeline, max_sequence_length=length),
+        encode_tokens=functools.partial(text_embeddings, t5_length=length,
+                                        joint_dim=pipeline.transformer.config.joint_attention_dim),
+        decoder=pipeline.vae, decode_latents=decoded_uint8, token_shapes=token_shapes,
+        latent_shape=tuple(shape), shift=pipeline.scheduler.shift)

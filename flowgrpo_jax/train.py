@@ -21,7 +21,6 @@ arrives (the handler sets a flag; the loop saves at its next safe point and exit
 with the same workdir resumes from the latest checkpoint; one with another config refuses
 unless --allow_config_change.
 """
-import dataclasses
 import functools
 import hashlib
 import os
@@ -45,11 +44,11 @@ from flowgrpo_jax.generator import load_generator
 from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.grpo.advantages import PerPromptStatTracker
 from flowgrpo_jax.logging_utils import MetricWriter
-from flowgrpo_jax.models.lora import apply_lora
-from flowgrpo_jax.models.mmdit import Buffer
+from flowgrpo_jax.programs import (build_programs, build_trainable_model, optimizer_for_config,
+                                   step_config)
 from flowgrpo_jax.prompts import epoch_prompt_indices, load_prompts
 from flowgrpo_jax.rewards.client import RewardClient
-from flowgrpo_jax.sampling.rollout import Window, rollout
+from flowgrpo_jax.sampling.rollout import Window
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
 # Streams folded into an epoch's key; the eval stream is fixed so evals are comparable.
@@ -91,16 +90,6 @@ def _replicate(tree, mesh):
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(put, tree)
-
-
-def _to_mesh(tree, shardings):
-    """Host or single-device values, the same on every process, placed with `shardings`."""
-
-    def put(x, sharding):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(put, tree, shardings)
 
 
 def _local_range(mesh, size: int) -> tuple:
@@ -150,32 +139,10 @@ def update_order(keep: np.ndarray, *, seed: int, epoch: int, drop_zero_std: bool
     return order
 
 
-@dataclasses.dataclass
-class TrainableModel:
-    """The generator split for training: what trains, what stays, and how to run it."""
-
-    velocity: object  # velocity_fn((trainable, frozen), x, t, text)
-    trainable: object
-    frozen: object
-
-
-def optimizer_for_config(config):
-    """The config's AdamW; "cosine" decays the rate over all of the run's updates."""
-    t = config.train
-    decay_steps = config.num_epochs * t.updates_per_epoch if t.get("lr_schedule") == "cosine" else 0
-    return ts.make_optimizer(t.learning_rate, t.adam_b1, t.adam_b2, t.weight_decay, t.adam_eps,
-                             t.max_grad_norm, decay_steps)
-
-
-def build_trainable_model(config, generator) -> TrainableModel:
-    if config.lora.enabled:
-        apply_lora(generator.model, rank=config.lora.rank, alpha=config.lora.alpha,
-                   rngs=nnx.Rngs(config.seed), targets=tuple(config.lora.targets))
-        graphdef, trainable, frozen = ts.split_model(generator.model, lora=True)
-    else:
-        graphdef, trainable, frozen = ts.split_model(
-            generator.model, lora=False, params=nnx.All(nnx.Param, nnx.Not(Buffer)))
-    return TrainableModel(ts.nnx_velocity(graphdef, generator.apply), trainable, frozen)
+def _placed_state(module, role: str, place):
+    """The state of a frozen generator module (nnx.state) on its shardings."""
+    state = nnx.state(module)
+    return parallel.place(state, place(role, state))
 
 
 class Trainer:
@@ -188,13 +155,15 @@ class Trainer:
         self.sizes = config_lib.sizes(config)
         s, t = config.sample, config.train
 
-        self.generator = load_generator(config.model)
         self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+        self.generator = load_generator(config.model, remat=t.remat, place=parallel.placement(self.mesh))
         model = build_trainable_model(config, self.generator)
-        self.velocity = model.velocity
         self.optimizer = optimizer_for_config(config)
-        trainable = _to_mesh(model.trainable, parallel.state_shardings(model.trainable, self.mesh))
-        self.frozen = _to_mesh(model.frozen, parallel.state_shardings(model.frozen, self.mesh))
+        trainable = parallel.place(model.trainable, parallel.state_shardings(model.trainable, self.mesh))
+        self.frozen = parallel.place(model.frozen, parallel.state_shardings(model.frozen, self.mesh))
+        place = parallel.placement(self.mesh)
+        self.encoder = _placed_state(self.generator.encoder, "encoder", place)
+        self.decoder = _placed_state(self.generator.decoder, "decoder", place)
         # Full fine-tuning keeps the initial weights as the KL reference; LoRA switches itself off.
         self.reference = None if config.lora.enabled else jax.tree.map(jnp.copy, trainable)
         self.state = ts.create_train_state(trainable, self.optimizer, self.mesh)
@@ -202,21 +171,13 @@ class Trainer:
         self.sigmas = flow_match_schedule(s.num_steps, shift=self.generator.shift)[0]
         self.eval_sigmas = flow_match_schedule(s.eval_num_steps, shift=self.generator.shift)[0]
         self.window = Window(s.window_size, s.window_lo, s.window_hi) if s.window_size else None
-        stored_steps = s.window_size or s.num_steps
-        self.step_config = ts.StepConfig(
-            sigma_max=float(self.sigmas[1]),
-            num_train_steps=ts.num_train_timesteps(stored_steps, t.timestep_fraction),
-            micro_batch_size=t.micro_batch_size, kind=s.kind, noise_level=s.noise_level,
-            guidance_scale=s.guidance_scale, clip_range=t.clip_range, beta=t.beta,
-            ema_max_decay=t.ema_max_decay, remat=t.remat)
-        self.train_step = ts.make_train_step(self.velocity, self.optimizer, self.step_config,
-                                             self.mesh, state=self.state, frozen=self.frozen,
-                                             reference=self.reference)
+        self.step_config = step_config(config, self.sigmas)
+        self.programs = build_programs(self.generator, model.velocity, self.optimizer,
+                                       self.step_config, self.mesh, state=self.state,
+                                       frozen=self.frozen, reference=self.reference)
         self.cfg = s.guidance_scale != 1.0
-        self.uncond = (_replicate(jax.device_get(self.generator.encode([""])), self.mesh)
-                       if self.cfg else None)
+        self.uncond = self._encode_replicated([""]) if self.cfg else None
         batch_sh = parallel.batch_sharding(self.mesh)
-        self._on_batch = jax.jit(lambda tree: tree, out_shardings=batch_sh)
         self._concat = jax.jit(lambda chunks: jax.tree.map(lambda *a: jnp.concatenate(a), *chunks),
                                out_shardings=batch_sh)
         self._take = jax.jit(lambda data, idx: jax.tree.map(lambda a: a[idx], data),
@@ -266,18 +227,22 @@ class Trainer:
 
     # ---- sampling ----------------------------------------------------------------------------
 
+    def _encode_replicated(self, prompts):
+        tokens = _replicate(self.generator.tokenize(prompts), self.mesh)
+        return self.programs.encode_replicated(self.encoder, tokens)
+
     def _sample_chunk(self, params, sigmas, key, noise, prompts, *, kind, window=None):
         """One chunk on the global mesh from this process's rows -> (Rollout, text), global."""
-        text = parallel.shard_batch(jax.device_get(self.generator.encode(prompts)), self.mesh)
-        latents = parallel.shard_batch(noise, self.mesh)
+        tokens = parallel.shard_batch(self.generator.tokenize(prompts), self.mesh)
+        text = self.programs.encode(self.encoder, tokens)
         s = self.config.sample
-        out = rollout(self.velocity, params, latents, text, _replicate(sigmas, self.mesh),
-                      key=_replicate(key, self.mesh), kind=kind, noise_level=s.noise_level,
-                      guidance_scale=s.guidance_scale, uncond_text=self.uncond, window=window)
-        return self._on_batch(out), text
+        out = self.programs.rollout(kind, window)(
+            params, parallel.shard_batch(noise, self.mesh), text, _replicate(sigmas, self.mesh),
+            _replicate(key, self.mesh), s.noise_level, s.guidance_scale, self.uncond)
+        return out, text
 
     def _images(self, final_latents) -> np.ndarray:
-        return np.asarray(jax.device_get(self.generator.decode(_local_rows(final_latents))))
+        return _local_rows(self.programs.decode(self.decoder, final_latents))
 
     def sample_epoch(self, stop: _StopFlag):
         """Rollouts of this epoch, this process's rewards (futures) and its prompts per chunk;
@@ -326,12 +291,15 @@ class Trainer:
 
     def train_epoch(self, stop: _StopFlag) -> dict | None:
         """One epoch; returns its metrics, or None when stopped before its updates."""
-        s, t = self.config.sample, self.config.train
+        t = self.config.train
         started = time.perf_counter()
         sampled = self.sample_epoch(stop)
         if sampled is None:
             return None
         records, futures, local_prompts, local_groups, images = sampled
+        del sampled
+        data = self._concat(records)  # the epoch's rollouts, in one copy: the chunks are freed
+        del records
         sample_seconds = time.perf_counter() - started
         total, components = self._gather_rewards(futures)
         reward_wait = time.perf_counter() - started - sample_seconds
@@ -357,7 +325,6 @@ class Trainer:
         order = update_order(advantages.keep, seed=self.config.seed, epoch=self.epoch,
                              drop_zero_std=t.drop_zero_std_groups)
         if order is not None:
-            data = self._concat(records)
             data = (*data[:5], data[5], _replicate(advantages.advantages, self.mesh))
             uncond = self.uncond if self.cfg else None
             step_metrics = []
@@ -366,7 +333,8 @@ class Trainer:
                 idx = _replicate(order[u * size:(u + 1) * size], self.mesh)
                 lat, nxt, logp, sig, nsig, text, adv = self._take(data, idx)
                 batch = ts.TrainBatch(lat, nxt, logp, sig, nsig, adv, text)
-                self.state, m = self.train_step(self.state, self.frozen, self.reference, batch, uncond)
+                self.state, m = self.programs.train_step(self.state, self.frozen, self.reference,
+                                                          batch, uncond)
                 step_metrics.append(m)
             for name, value in jax.device_get(step_metrics[0]).items():
                 metrics[f"train/{name}"] = np.mean([float(m[name]) for m in jax.device_get(step_metrics)])
@@ -415,8 +383,9 @@ class Trainer:
     def _reward_client(self) -> RewardClient:
         r = self.config.reward
         if r.url:
-            return RewardClient(url=r.url)
-        return RewardClient(r.rewards, options=r.options.to_dict(), plugins=tuple(r.plugins))
+            return RewardClient(url=r.url, token=r.token)
+        return RewardClient(r.rewards, options=r.options.to_dict(), plugins=tuple(r.plugins),
+                            token=r.token)
 
     def run(self) -> None:
         self.restore()

@@ -18,7 +18,7 @@ def tiny_run():
     # One torch thread: the test checks fields and agreement, and one thread is the fastest on
     # a shared machine (the timed comparison uses as many threads as XLA, see docs/benchmarks.md).
     return bench.run_bench(bench.CONFIGS["tiny"](), repeats=1, warmup=0, attention="xla",
-                           remat=False, threads=1)
+                           remat="none", threads=1)
 
 
 def _relative_l2(a, b):

@@ -50,7 +50,9 @@ from flax import nnx
 from flowgrpo_jax.convert.core import convert, target_shapes
 from flowgrpo_jax.convert.mmdit_table import RULES
 from flowgrpo_jax.grpo.loss import grpo_loss
+from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
+from flowgrpo_jax.models.remat import POLICIES as REMAT_POLICIES
 from flowgrpo_jax.sampling.rollout import rollout, score_step
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
@@ -153,13 +155,13 @@ def mmdit_velocity(graphdef, params, x, t, text):
     return nnx.merge(graphdef, *params)(x, t, text["states"], text["pooled"])
 
 
-def abstract_mmdit(model_config: dict, dtype: str, attention: str, remat: bool) -> MMDiT:
+def abstract_mmdit(model_config: dict, dtype: str, attention: str, remat: str) -> MMDiT:
     config = MMDiTConfig.from_diffusers(model_config, attention_impl=attention, remat=remat)
     return nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0), dtype=JAX_DTYPES[dtype],
                                         param_dtype=JAX_DTYPES[dtype]))
 
 
-def to_jax(torch_model, dtype: str, attention: str, remat: bool):
+def to_jax(torch_model, dtype: str, attention: str, remat: str):
     """Converts a diffusers model in memory; returns (graphdef, (trainable, buffers))."""
     model = abstract_mmdit(dict(torch_model.config), dtype, attention, remat)
     tensors = {k: _to_numpy(v) for k, v in torch_model.state_dict().items()}
@@ -353,7 +355,7 @@ def _versions() -> dict:
                 diffusers=diffusers.__version__)
 
 
-def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str, remat: bool,
+def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str, remat: str,
               threads: int, seed: int = 0) -> tuple[dict, dict]:
     """Builds both sides from the same weights and batch and times them; returns (the result for the JSON,
     the raw outputs of both sides: final latents, log-probs, loss-step scalars)."""
@@ -368,7 +370,7 @@ def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str,
 
     policy_torch = build_torch_model(config.model, seed, config.dtype, device)
     ref_torch = build_torch_model(config.model, seed + 1, config.dtype, device).requires_grad_(False)
-    if remat:
+    if remat != "none":  # torch's checkpointing is per block, what "block" does
         policy_torch.enable_gradient_checkpointing()
     graphdef, params = to_jax(policy_torch, config.dtype, attention, remat)
     _, ref_params = to_jax(ref_torch, config.dtype, attention, remat)
@@ -447,7 +449,7 @@ def agreement(outputs: dict) -> dict:
                 **{name: pair(name) for name in ("loss", "policy_loss", "kl", "grad_norm")})
 
 
-def check_shapes(config: BenchConfig, attention: str, remat: bool) -> dict:
+def check_shapes(config: BenchConfig, attention: str, remat: str) -> dict:
     """`jax.eval_shape` of the rollout and the loss step at full size: no weights, no compute."""
     model = abstract_mmdit(config.model, config.dtype, attention, remat)
     graphdef, trainable, buffers = nnx.split(model, TRAINABLE, ...)
@@ -501,10 +503,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    parser.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
-                        help="our attention implementation (cudnn: GPU only)")
-    parser.add_argument("--remat", action="store_true",
-                        help="rematerialise blocks in the backward pass (torch: gradient checkpointing)")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto",
+                        help="our attention implementation (models/attention.py; cudnn: GPU only)")
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default="none",
+                        help="per-block remat policy of the backward pass (torch: gradient "
+                             "checkpointing unless none)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: the CPU count XLA uses)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
@@ -515,6 +518,8 @@ def main(argv=None) -> int:
     on_gpu = jax.default_backend() == "gpu"
     if args.attention == "cudnn" and not on_gpu:
         parser.error(f"--attention cudnn needs a GPU; JAX runs on {jax.default_backend()}")
+    if args.attention == "splash" and jax.default_backend() != "tpu":
+        parser.error(f"--attention splash times the TPU kernel; JAX runs on {jax.default_backend()}")
     if config.needs_gpu and not on_gpu:
         shapes = check_shapes(config, args.attention, args.remat)
         print(f"--config {args.config} needs a GPU (JAX backend is {jax.default_backend()}): nothing "

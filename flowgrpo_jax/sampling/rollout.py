@@ -85,8 +85,10 @@ def _check_window(window, num_steps):
     return window
 
 
-def _rollout(velocity_fn, params, latents, text, sigmas, key, noise_level, guidance_scale,
-             uncond_text, *, kind, window, debug_loop) -> Rollout:
+def trajectory(velocity_fn, params, latents, text, sigmas, key, noise_level, guidance_scale,
+               uncond_text, *, kind, window, debug_loop: bool = False) -> Rollout:
+    """The pure rollout behind `rollout` (arguments as there, `window` checked), for callers
+    that jit it themselves (the trainer places it on a mesh)."""
     num_steps = sigmas.shape[0] - 1
     batch = latents.shape[0]
     sigmas = sigmas.astype(jnp.float32)
@@ -130,7 +132,7 @@ def _rollout(velocity_fn, params, latents, text, sigmas, key, noise_level, guida
                    per_sample(sigmas[:-1]), per_sample(sigmas[1:]), final)
 
 
-_rollout_jit = jax.jit(_rollout, static_argnames=("velocity_fn", "kind", "window", "debug_loop"))
+_rollout_jit = jax.jit(trajectory, static_argnames=("velocity_fn", "kind", "window", "debug_loop"))
 
 
 def rollout(velocity_fn, params, latents, text, sigmas, *, key, kind: str, noise_level,
@@ -147,7 +149,7 @@ def rollout(velocity_fn, params, latents, text, sigmas, *, key, kind: str, noise
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas must be a 1-D schedule with at least 2 entries, got shape {sigmas.shape}")
     window = _check_window(window, sigmas.shape[0] - 1)
-    run = _rollout if debug_loop else _rollout_jit
+    run = trajectory if debug_loop else _rollout_jit
     return run(velocity_fn, params, latents, text, sigmas, key, noise_level, guidance_scale, uncond_text,
                kind=kind, window=window, debug_loop=debug_loop)
 

@@ -89,9 +89,10 @@ class ToyModel(nnx.Module):
     """The two trained parts: `transformer` (velocity) and `text_encoder` (frozen during RL)."""
 
     def __init__(self, config: ToyModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, remat: str = "none"):
         self.config = config
-        self.transformer = MMDiT(config.mmdit_config(), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.transformer = MMDiT(config.mmdit_config(remat), rngs=rngs, dtype=dtype,
+                                 param_dtype=param_dtype)
         # SD3 ships its position table as 2-D sin-cos values of magnitude ~1; the MMDiT's own
         # init (N(0, 0.02), for converted weights) would leave the positions of a randomly
         # initialised model drowned by the patches' noise, and the layout unlearnable.
@@ -130,16 +131,25 @@ def save(folder: str, model: ToyModel) -> None:
     np.savez(os.path.join(folder, PARAMS_FILE), **_flat_params(model))
 
 
-def load(folder: str = SHIPPED) -> ToyModel:
-    """The model stored in `folder` (default: the shipped base checkpoint)."""
-    config_path, params_path = (os.path.join(folder, name) for name in (CONFIG_FILE, PARAMS_FILE))
-    for path in (config_path, params_path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{folder} is not a toy model folder: {path} is missing")
-    with open(config_path) as f:
-        config = ToyModelConfig.from_dict(json.load(f))
-    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: ToyModel(config, rngs=nnx.Rngs(0))),
-                                       nnx.Param, ...)
+def read_config(folder: str) -> ToyModelConfig:
+    for name in (CONFIG_FILE, PARAMS_FILE):
+        if not os.path.exists(os.path.join(folder, name)):
+            raise FileNotFoundError(f"{folder} is not a toy model folder: {name} is missing")
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        return ToyModelConfig.from_dict(json.load(f))
+
+
+def abstract(folder: str = SHIPPED, remat: str = "none") -> ToyModel:
+    """The model stored in `folder` as shapes only (nnx.eval_shape), no weights read."""
+    config = read_config(folder)
+    return nnx.eval_shape(lambda: ToyModel(config, rngs=nnx.Rngs(0), remat=remat))
+
+
+def load(folder: str = SHIPPED, remat: str = "none") -> ToyModel:
+    """The model stored in `folder` (default: the shipped base checkpoint); `remat` is the
+    MMDiT's per-block policy (models/remat.py)."""
+    params_path = os.path.join(folder, PARAMS_FILE)
+    graphdef, params, rest = nnx.split(abstract(folder, remat), nnx.Param, ...)
     with np.load(params_path) as stored:
         stored = dict(stored)
     expected = {"/".join(str(k) for k in path): var for path, var in nnx.to_flat_state(params)}

@@ -1,0 +1,121 @@
+"""What a training run builds from its config: the trainable split of the model, the optimizer,
+the update's settings, and the jitted programs over the run's device mesh.
+
+A run compiles: prompt encoding (a chunk's prompts, and the negative prompt once), a rollout
+chunk (the sampler's kind and window) and the eval rollout (the ODE), decoding a chunk's final
+latents, and the GRPO update. Each is traced, compiled and called under the mesh
+(`jax.set_mesh`), which the TPU attention kernel needs to split the batch over the devices.
+The trainer calls them; the planner (`plan.py`) compiles the same objects for a TPU topology
+from abstract inputs, so what it measures is what a run executes.
+"""
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from flowgrpo_jax import parallel
+from flowgrpo_jax.generator import Generator
+from flowgrpo_jax.grpo import train_step as ts
+from flowgrpo_jax.models.lora import apply_lora
+from flowgrpo_jax.models.mmdit import Buffer
+from flowgrpo_jax.sampling.rollout import Window, trajectory
+
+
+@dataclasses.dataclass
+class TrainableModel:
+    """The generator split for training: what trains, what stays, and how to run it."""
+
+    velocity: object  # velocity_fn((trainable, frozen), x, t, text)
+    trainable: object
+    frozen: object
+
+
+def optimizer_for_config(config):
+    """The config's AdamW; "cosine" decays the rate over all of the run's updates."""
+    t = config.train
+    decay_steps = config.num_epochs * t.updates_per_epoch if t.get("lr_schedule") == "cosine" else 0
+    return ts.make_optimizer(t.learning_rate, t.adam_b1, t.adam_b2, t.weight_decay, t.adam_eps,
+                             t.max_grad_norm, decay_steps)
+
+
+def build_trainable_model(config, generator) -> TrainableModel:
+    if config.lora.enabled:
+        apply_lora(generator.model, rank=config.lora.rank, alpha=config.lora.alpha,
+                   rngs=nnx.Rngs(config.seed), targets=tuple(config.lora.targets))
+        graphdef, trainable, frozen = ts.split_model(generator.model, lora=True)
+    else:
+        graphdef, trainable, frozen = ts.split_model(
+            generator.model, lora=False, params=nnx.All(nnx.Param, nnx.Not(Buffer)))
+    return TrainableModel(ts.nnx_velocity(graphdef, generator.apply), trainable, frozen)
+
+
+def step_config(config, sigmas) -> ts.StepConfig:
+    """The GRPO update's settings from the config; `sigmas` is the training schedule."""
+    s, t = config.sample, config.train
+    return ts.StepConfig(
+        sigma_max=float(sigmas[1]),
+        num_train_steps=ts.num_train_timesteps(s.window_size or s.num_steps, t.timestep_fraction),
+        micro_batch_size=t.micro_batch_size, kind=s.kind, noise_level=s.noise_level,
+        guidance_scale=s.guidance_scale, clip_range=t.clip_range, beta=t.beta,
+        ema_max_decay=t.ema_max_decay)
+
+
+class OnMesh:
+    """A jitted function whose traces, compiles and calls run under `mesh`."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
+def _module_fn(module, fn: Callable):
+    """fn(module, *args) as a pure function of the module's state: (state, *args) -> ..."""
+    graphdef = nnx.graphdef(module)
+    return lambda state, *args: fn(nnx.merge(graphdef, state), *args)
+
+
+@dataclasses.dataclass
+class Programs:
+    mesh: jax.sharding.Mesh
+    encode: OnMesh  # (encoder state, tokens) -> text, batch-sharded
+    encode_replicated: OnMesh  # the same on a replicated batch (the negative prompt)
+    decode: OnMesh  # (decoder state, final latents) -> uint8 images, batch-sharded
+    train_step: OnMesh  # grpo.train_step.make_train_step's step
+    velocity: Callable  # velocity_fn((trainable, frozen), x, t, text)
+
+    _rollouts: dict = dataclasses.field(default_factory=dict)
+
+    def rollout(self, kind: str, window: Window | None = None) -> OnMesh:
+        """(params, latents, text, sigmas, key, noise_level, guidance_scale, uncond_text) ->
+        Rollout, batch-sharded (sampling.rollout.rollout's arguments)."""
+        if (kind, window) not in self._rollouts:
+            fn = functools.partial(trajectory, self.velocity, kind=kind, window=window)
+            self._rollouts[kind, window] = OnMesh(
+                jax.jit(fn, out_shardings=parallel.batch_sharding(self.mesh)), self.mesh)
+        return self._rollouts[kind, window]
+
+
+def build_programs(generator: Generator, velocity, optimizer, step_config: ts.StepConfig, mesh, *,
+                   state, frozen, reference=None) -> Programs:
+    """The run's programs; `state`, `frozen` and `reference` (real or abstract) give the train
+    step's shardings, as in make_train_step."""
+    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    encode = _module_fn(generator.encoder, generator.encode_tokens)
+    decode = _module_fn(generator.decoder, generator.decode_latents)
+    step = ts.make_train_step(velocity, optimizer, step_config, mesh, state=state, frozen=frozen,
+                              reference=reference)
+    return Programs(
+        mesh=mesh,
+        encode=OnMesh(jax.jit(encode, out_shardings=batch), mesh),
+        encode_replicated=OnMesh(jax.jit(encode, out_shardings=replicated), mesh),
+        decode=OnMesh(jax.jit(decode, out_shardings=batch), mesh),
+        train_step=OnMesh(step, mesh), velocity=velocity)
