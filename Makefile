@@ -18,8 +18,9 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 demo: $(VENV)/.installed
 	$(PY) -m flowgrpo_jax.demo
 
+# Two workers (pytest-xdist): most tests compile or train in one thread.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2
 
 # pytest exits 5 when no test is marked slow: that is not a failure.
 test-slow: $(VENV)/.installed-test

@@ -1,0 +1,65 @@
+"""The memory planner: compiles, never runs, every program of a training run and says per chip
+what fits.
+
+    python -m flowgrpo_jax.plan --config configs/sd35m_geneval.py --topology v5e:2x4 \
+        [--config.key=value ...] [--nosearch] [--memory_gib 14] [--json plan.json]
+
+With `--topology` (a libtpu topology name: v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ...) it
+compiles for that TPU slice on any host with libtpu installed; without it, for this host's
+devices (a GPU host). No weights are read: the model is built from its configs (a converted
+folder at `model.path`, or SD3.5 Medium's bundled configs when there is none).
+
+For each program a run compiles (prompt encoding, a rollout chunk, decoding, the GRPO update, the
+eval rollout and its decoding) it prints per chip: the arguments, the temporaries, the outputs,
+what else the run keeps on the chip meanwhile (weights, optimizer state, the epoch's rollouts),
+their total against the chip's memory, and the FLOPs XLA counts. Then it searches the largest
+`train.micro_batch_size` and `sample.batch_size` per chip that fit. It exits 1 when the config
+does not fit, naming the knobs to change.
+"""
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+
+from flowgrpo_jax import config as config_lib
+from flowgrpo_jax import planner
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]")
+flags.DEFINE_string("topology", None, "a TPU topology to compile for (v5e:2x4, v4:2x2x1, ...); "
+                    "default: this host's devices")
+flags.DEFINE_bool("search", True, "search the largest micro batch and rollout chunk that fit")
+flags.DEFINE_float("memory_gib", None, "plan against this much memory per device (GiB) instead "
+                   "of the chip's, e.g. to keep headroom")
+flags.DEFINE_string("json", None, "also write the plan here as JSON")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # JAX logs each backend it cannot start at INFO
+    config = _CONFIG.value
+    try:
+        devices = planner.tpu_devices(FLAGS.topology) if FLAGS.topology else jax.devices()
+        memory = int(FLAGS.memory_gib * planner.GiB) if FLAGS.memory_gib else None
+        result = planner.plan(config, devices, FLAGS.topology or devices[0].device_kind,
+                      search=FLAGS.search, memory=memory)
+    except (planner.PlanError, config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(planner.format_plan(result))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(planner.plan_json(result), f, indent=2)
+    if not result.fits:
+        print(planner.advice(result, config), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,402 @@
+"""The memory planner's library: a training run's programs compiled, never run, for a TPU slice
+(compile-only devices from libtpu) or this host's devices, with what each needs per chip.
+
+`RunPlan` builds the run as the trainer does (the same programs, `programs.py`) from an abstract
+generator (shapes only, no weights), with abstract inputs placed on the mesh; `plan` compiles
+each program at the config's sizes and searches the largest micro batch and rollout chunk per
+chip that fit. `python -m flowgrpo_jax.plan` is its command line.
+"""
+import dataclasses
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flowgrpo_jax import config as config_lib
+from flowgrpo_jax import parallel
+from flowgrpo_jax.generator import load_generator
+from flowgrpo_jax.grpo import train_step as ts
+from flowgrpo_jax.programs import build_programs, build_trainable_model, optimizer_for_config, step_config
+from flowgrpo_jax.sampling.rollout import Window
+from flowgrpo_jax.sampling.schedule import flow_match_schedule
+
+# libtpu takes a host-wide lock when it loads; compiling needs no TPU, so let it load beside
+# another JAX process of this host (a test run, a second planner). Read when libtpu loads.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+GiB = 2 ** 30
+# HBM per chip (device) of the TPU generations, as JAX sees them (v4 and v5p as megacores).
+TPU_MEMORY = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB,
+              "TPU v6 lite": 32 * GiB}
+# Single-host slices: libtpu's default splits an 8-chip v5e / v6e slice over two hosts.
+_SINGLE_HOST = {"v5e:2x4": (2, 4, 1), "v6e:2x4": (2, 4, 1)}
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceeds? .*memory")
+_USED = re.compile(r"[Uu]sed ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+
+
+class PlanError(ValueError):
+    """A topology or config the planner cannot plan; the message says what to change."""
+
+
+def tpu_devices(topology: str) -> list:
+    """Compile-only devices of a TPU slice (jax.experimental.topologies)."""
+    from jax.experimental import topologies
+
+    options = {}
+    if topology.startswith("v4:"):
+        options["chip_config_name"] = "megacore"  # one device per chip, as on a v4 VM
+    if topology in _SINGLE_HOST:
+        options["chips_per_host_bounds"] = _SINGLE_HOST[topology]
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology, **options).devices
+    except Exception as e:  # libtpu raises several types for unknown names or a missing wheel
+        raise PlanError(f"cannot compile for TPU topology {topology!r} ({str(e).splitlines()[0]}); "
+                        f"names look like v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, and libtpu must be "
+                        f"installed (pip install libtpu)") from None
+
+
+def chip_memory(device) -> int:
+    """Bytes one device can hold: the runtime's limit where there is a runtime (a GPU, or a CPU
+    host's memory shared by its devices), else the TPU generation's HBM."""
+    if device.device_kind in TPU_MEMORY:
+        return TPU_MEMORY[device.device_kind]
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise PlanError(f"memory of a {device.device_kind!r} device is unknown to the planner")
+    return int(stats["bytes_limit"])
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes of `tree` (arrays or ShapeDtypeStructs with shardings) held by one device."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * getattr(leaf.dtype, "itemsize", 8)
+    return total
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _batched(shapes, size: int, sharding):
+    """ShapeDtypeStructs of `size` samples of per-sample `shapes`."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct((size, *s.shape), s.dtype, sharding=sharding), shapes)
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One program compiled for one batch size, per chip."""
+
+    name: str
+    per_chip: int  # samples per chip
+    fits: bool
+    arguments: int = 0
+    temporaries: int = 0
+    outputs: int = 0  # not aliased to a donated argument
+    resident_other: int = 0  # what the run keeps on the chip beside this program's arguments
+    flops: float = 0.0  # XLA's count, loop trips multiplied; custom kernels not counted
+    seconds: float = 0.0
+    error: str = ""
+    hlo: str = dataclasses.field(default="", repr=False)  # the compiled program, when kept
+    memory: int = 0  # the chip's
+
+    @property
+    def total(self) -> int:
+        return self.resident_other + self.arguments + self.temporaries + self.outputs
+
+
+class RunPlan:
+    """A training run's programs and their abstract inputs on a mesh of (compile-only) devices."""
+
+    def __init__(self, config, devices, log=print, memory: int | None = None):
+        self.config, self.log = config, log
+        processes = len({d.process_index for d in devices})
+        config_lib.validate(config, len(devices), processes)
+        self.devices = len(devices)
+        self.memory = memory or chip_memory(devices[0])
+        s = config.sample
+        self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+        mesh = self.mesh
+        self.batch, self.replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+        self.generator = load_generator(config.model, remat=config.train.remat, abstract=True)
+        model = build_trainable_model(config, self.generator)
+        optimizer = optimizer_for_config(config)
+        place = parallel.placement(mesh)
+        self.trainable = _abstract(model.trainable, parallel.state_shardings(model.trainable, mesh))
+        self.frozen = _abstract(model.frozen, parallel.state_shardings(model.frozen, mesh))
+        state = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), self.trainable)
+        self.state = _abstract(state, parallel.state_shardings(state, mesh))
+        self.reference = None if config.lora.enabled else self.trainable
+        self.encoder = self._module_state(self.generator.encoder, "encoder", place)
+        self.decoder = self._module_state(self.generator.decoder, "decoder", place)
+        self.sigmas = flow_match_schedule(s.num_steps, shift=self.generator.shift)[0]
+        self.step_config = step_config(config, self.sigmas)
+        self.programs = build_programs(self.generator, model.velocity, optimizer, self.step_config,
+                                       mesh, state=self.state, frozen=self.frozen,
+                                       reference=self.reference)
+        self.window = Window(s.window_size, s.window_lo, s.window_hi) if s.window_size else None
+        self.uncond = (self._text(1, self.replicated, self.programs.encode_replicated)
+                       if s.guidance_scale != 1.0 else None)
+        self.weights = _per_device_bytes((self.state, self.frozen, self.reference, self.encoder,
+                                          self.decoder, self.uncond))
+        self.epoch = config_lib.sizes(config)["epoch"]
+
+    @staticmethod
+    def _module_state(module, role, place):
+        state = nnx.state(module)
+        return _abstract(state, place(role, state))
+
+    def _tokens(self, size, sharding):
+        return _batched(self.generator.token_shapes, size, sharding)
+
+    def _text(self, size, sharding, program):
+        out = jax.eval_shape(program.jitted, self.encoder, self._tokens(size, sharding))
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), out)
+
+    def _latents(self, size, *steps):
+        shape = (size, *steps, *self.generator.latent_shape)
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch)
+
+    def epoch_data(self, size: int):
+        """The epoch's stored rollouts of `size` samples, as the train step takes them."""
+        steps = self.config.sample.window_size or self.config.sample.num_steps
+        per_step = jax.ShapeDtypeStruct((size, steps), jnp.float32, sharding=self.batch)
+        return ts.TrainBatch(self._latents(size, steps), self._latents(size, steps), per_step, per_step,
+                             per_step, jax.ShapeDtypeStruct((size,), jnp.float32, sharding=self.batch),
+                             self._text(size, self.batch, self.programs.encode))
+
+    # ---- the programs, as (jitted, args, bytes of the args the run keeps, resident others, trips)
+
+    def _sampling_resident(self, chunk_size):
+        """Held while a chunk samples: the weights and the epoch's earlier chunks."""
+        return self.weights + _per_device_bytes(self.epoch_data(self.epoch - chunk_size))
+
+    def encode(self, size):
+        return (self.programs.encode, (self.encoder, self._tokens(size, self.batch)),
+                _per_device_bytes(self.encoder), self._sampling_resident(size), 1)
+
+    def rollout(self, size, *, eval_: bool = False):
+        s = self.config.sample
+        steps = s.eval_num_steps if eval_ else s.num_steps
+        program = self.programs.rollout("ode" if eval_ else s.kind, None if eval_ else self.window)
+        sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=self.replicated)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
+        args = ((self.state.params, self.frozen), self._latents(size), self._text(
+            size, self.batch, self.programs.encode), sigmas, key, s.noise_level, s.guidance_scale,
+            self.uncond)
+        kept = _per_device_bytes((self.state.params, self.frozen, self.uncond))
+        resident = self.weights if eval_ else self._sampling_resident(size)
+        return program, args, kept, resident, steps
+
+    def decode(self, size, *, eval_: bool = False):
+        resident = self.weights if eval_ else self._sampling_resident(size)
+        return (self.programs.decode, (self.decoder, self._latents(size)),
+                _per_device_bytes(self.decoder), resident, 1)
+
+    def train(self, micro_size):
+        config = dataclasses.replace(self.step_config, micro_batch_size=micro_size)
+        step = self.programs.train_step if micro_size == self.step_config.micro_batch_size else \
+            build_programs(self.generator, self.programs.velocity, optimizer_for_config(self.config),
+                           config, self.mesh, state=self.state, frozen=self.frozen,
+                           reference=self.reference).train_step
+        update = config_lib.sizes(self.config)["update"]
+        args = (self.state, self.frozen, self.reference, self.epoch_data(update), self.uncond)
+        kept = _per_device_bytes((self.state, self.frozen, self.reference, self.uncond))
+        resident = self.weights + _per_device_bytes(self.epoch_data(self.epoch))
+        trips = update // micro_size * self.step_config.num_train_steps
+        return step, args, kept, resident, trips
+
+    def sampling_phase(self, chunk_size: int) -> Compiled:
+        """Encode, rollout and decode of one chunk, compiled; the largest total of the three
+        (the first that does not fit, if one does not)."""
+        per_chip = chunk_size // self.devices
+        results = []
+        for name, program in (("encode", self.encode), ("rollout", self.rollout),
+                              ("decode", self.decode)):
+            results.append(self.compile(name, per_chip, program(chunk_size)))
+            if not results[-1].fits:
+                return results[-1]
+        return max(results, key=lambda r: r.total)
+
+    def compile(self, name: str, per_chip: int, program, keep_hlo: bool = False) -> Compiled:
+        jitted, args, kept, resident, trips = program
+        self.log(f"  compiling {name}, {per_chip} per chip ...", end="", flush=True)
+        started = time.perf_counter()
+        try:
+            compiled = jitted.lower(*args).compile()
+        except Exception as e:  # the compiler's out-of-memory refusal, or a real bug
+            if not _OOM.search(str(e)):
+                raise
+            result = Compiled(name, per_chip, False, resident_other=resident - kept,
+                              seconds=time.perf_counter() - started, error=_oom_summary(str(e)),
+                              memory=self.memory)
+        else:
+            m = compiled.memory_analysis()
+            cost = compiled.cost_analysis() or {}
+            result = Compiled(
+                name, per_chip, True, arguments=m.argument_size_in_bytes,
+                temporaries=m.temp_size_in_bytes,
+                outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
+                resident_other=max(resident - kept, 0), flops=float(cost.get("flops", 0.0)) * trips,
+                seconds=time.perf_counter() - started, hlo=compiled.as_text() if keep_hlo else "",
+                memory=self.memory)
+            result.fits = result.total <= self.memory
+        self.log(f" {result.seconds:.0f} s: {_describe(result, self.memory)}", flush=True)
+        return result
+
+
+def _oom_summary(message: str) -> str:
+    used = _USED.search(message)
+    if used:
+        return f"compiler: needs {used.group(1)}{used.group(2) or ''} of {used.group(3)}{used.group(4) or ''}"
+    return "compiler: out of memory"
+
+
+def _describe(result: Compiled, memory: int) -> str:
+    if result.error:
+        return f"does not fit ({result.error})"
+    verdict = "fits" if result.fits else "does not fit"
+    return f"{result.total / GiB:.2f} of {memory / GiB:.2f} GiB, {verdict}"
+
+
+def _candidates(total: int, devices: int) -> list[int]:
+    """Per-chip sizes whose global size (x devices) divides `total`."""
+    return [n for n in range(1, total // devices + 1) if total % (n * devices) == 0]
+
+
+def largest_fitting(candidates: list[int], measure, start: int) -> int | None:
+    """The largest candidate that fits, or None when not even the smallest does.
+
+    measure(candidate) -> Compiled. Memory grows with the batch, so the
+    search keeps an interval [largest known to fit, smallest known not to] and probes inside
+    it: first `start`, then where the line through the measured totals meets the chip's memory
+    (a compile takes minutes at full size, and the totals grow nearly linearly), bisecting when
+    there is no line yet.
+    """
+    lo, hi = -1, len(candidates)  # indices: candidates[lo] fits, candidates[hi] does not
+    measured = {}  # candidate -> total bytes, of compiles that gave one
+    probe = candidates.index(start) if start in candidates else len(candidates) // 2
+    while hi - lo > 1:
+        result = measure(candidates[probe])
+        if not result.error:
+            measured[candidates[probe]] = result.total
+        if result.fits:
+            lo = probe
+        else:
+            hi = probe
+        probe = _next_probe(candidates, lo, hi, measured, result.memory)
+    return candidates[lo] if lo >= 0 else None
+
+
+def _next_probe(candidates, lo, hi, measured, memory) -> int:
+    middle = (lo + hi) // 2
+    if len(measured) < 2 or hi - lo <= 2:
+        return middle
+    (b0, m0), (b1, m1) = sorted(measured.items())[-2:]
+    if m1 <= m0:
+        return middle
+    limit = b1 + (memory - m1) * (b1 - b0) / (m1 - m0)  # the batch the line puts at `memory`
+    inside = [i for i in range(lo + 1, hi) if candidates[i] <= limit] or [lo + 1]
+    return inside[-1]
+
+
+@dataclasses.dataclass
+class Plan:
+    topology: str
+    devices: int
+    chip_memory: int
+    programs: list
+    largest_micro_batch_per_chip: int | None = None
+    largest_sample_batch_per_chip: int | None = None
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.programs)
+
+
+def plan(config, devices, topology: str, *, search: bool = True, memory: int | None = None,
+         log=print) -> Plan:
+    """Compiles the run's programs at the config's sizes, then (search) the largest micro batch
+    and rollout chunk per chip that fit; `memory` (bytes per device) replaces the chip's."""
+    run = RunPlan(config, devices, log, memory)
+    s, t, n = config.sample, config.train, run.devices
+    log(f"{topology}: {n} devices of {run.memory / GiB:.2f} GiB; weights and train state "
+        f"{run.weights / GiB:.2f} GiB per device")
+    chunk, micro, eval_chunk = s.batch_size // n, t.micro_batch_size // n, s.eval_batch_size // n
+    programs = [
+        run.compile("encode", chunk, run.encode(s.batch_size)),
+        run.compile("rollout", chunk, run.rollout(s.batch_size)),
+        run.compile("decode", chunk, run.decode(s.batch_size)),
+        run.compile("train step", micro, run.train(t.micro_batch_size)),
+        run.compile("eval rollout", eval_chunk, run.rollout(s.eval_batch_size, eval_=True)),
+        run.compile("eval decode", eval_chunk, run.decode(s.eval_batch_size, eval_=True)),
+    ]
+    result = Plan(topology, n, run.memory, programs)
+    if not search:
+        return result
+    log("searching the largest micro batch per chip that fits")
+    update = config_lib.sizes(config)["update"]
+    result.largest_micro_batch_per_chip = largest_fitting(
+        _candidates(update, n), lambda m: run.compile("train step", m, run.train(m * n)), micro)
+    log("searching the largest rollout chunk per chip that fits")
+    result.largest_sample_batch_per_chip = largest_fitting(
+        _candidates(run.epoch, n), lambda c: run.sampling_phase(c * n), chunk)
+    return result
+
+
+def format_plan(result: Plan) -> str:
+    header = (f"{'program':<13} {'per chip':>8} {'args':>8} {'temps':>8} {'outputs':>8} "
+              f"{'others':>8} {'total':>8}  {'of':>6}  {'TFLOP':>8}  fits")
+    lines = [header]
+    for p in result.programs:
+        gib = lambda b: f"{b / GiB:8.2f}"
+        if p.error:
+            lines.append(f"{p.name:<13} {p.per_chip:>8} {'':>8} {'':>8} {'':>8} "
+                         f"{gib(p.resident_other)} {'':>8}  {result.chip_memory / GiB:6.2f}  "
+                         f"{'':>8}  no ({p.error})")
+            continue
+        lines.append(f"{p.name:<13} {p.per_chip:>8} {gib(p.arguments)} {gib(p.temporaries)} "
+                     f"{gib(p.outputs)} {gib(p.resident_other)} {gib(p.total)}  "
+                     f"{result.chip_memory / GiB:6.2f}  {p.flops / 1e12:8.1f}  "
+                     f"{'yes' if p.fits else 'no'}")
+    for what, value in (("micro batch", result.largest_micro_batch_per_chip),
+                        ("rollout chunk", result.largest_sample_batch_per_chip)):
+        if value is not None:
+            lines.append(f"largest {what} per chip that fits: {value} ({value * result.devices} global)")
+    return "\n".join(lines)
+
+
+def plan_json(result: Plan) -> dict:
+    out = dataclasses.asdict(result)
+    for program in out["programs"]:
+        program.pop("hlo")
+    return {**out, "fits": result.fits}
+
+
+def advice(result: Plan, config) -> str:
+    """What to change when a program does not fit, in config keys."""
+    n, tips = result.devices, []
+    failing = {p.name for p in result.programs if not p.fits}
+    if "train step" in failing:
+        if result.largest_micro_batch_per_chip:
+            tips.append(f"--config.train.micro_batch_size={result.largest_micro_batch_per_chip * n}")
+        if config.train.remat != "block":
+            tips.append("--config.train.remat=block")
+    if failing & {"encode", "rollout", "decode"} and result.largest_sample_batch_per_chip:
+        tips.append(f"--config.sample.batch_size={result.largest_sample_batch_per_chip * n}")
+    if failing & {"eval rollout", "eval decode"}:
+        tips.append("a smaller --config.sample.eval_batch_size")
+    if config.model.get("attention", "auto") != "auto":
+        tips.append("--config.model.attention=auto")
+    if config.mesh.fsdp < n:
+        tips.append(f"--config.mesh.fsdp={n} (shards the model's weights and optimizer state)")
+    return (f"does not fit: {', '.join(sorted(failing))} over {result.chip_memory / GiB:.2f} GiB "
+            f"per chip; try " + ", ".join(tips))

@@ -1,0 +1,90 @@
+"""The memory planner: its search, its command line on the toy model for a TPU slice (quick),
+and at full SD3.5-M depth on v5e:2x4 (slow)."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from flowgrpo_jax import planner
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class _Linear:
+    """A fake compile: total = 2 GiB + 1.5 GiB per sample, against 16 GiB."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, per_chip):
+        self.calls.append(per_chip)
+        total = int((2 + 1.5 * per_chip) * planner.GiB)
+        result = planner.Compiled("train step", per_chip, total <= 16 * planner.GiB, temporaries=total,
+                               memory=16 * planner.GiB)
+        return result
+
+
+def test_candidates_are_the_per_chip_sizes_that_divide_the_batch():
+    assert planner._candidates(576, 8) == [1, 2, 3, 4, 6, 8, 9, 12, 18, 24, 36, 72]
+    assert planner._candidates(12, 8) == []
+
+
+@pytest.mark.parametrize("start", [1, 4, 72])
+def test_search_finds_the_largest_fitting_size_in_few_compiles(start):
+    candidates = planner._candidates(576, 8)
+    measure = _Linear()
+    assert planner.largest_fitting(candidates, measure, start) == 9  # 2 + 1.5 * 9 = 15.5 GiB
+    assert 9 in measure.calls and 12 in measure.calls  # both sides of the edge were compiled
+    assert len(measure.calls) <= 5, measure.calls
+
+
+def test_search_says_none_when_nothing_fits():
+    measure = lambda n: planner.Compiled("train step", n, False, error="compiler: out of memory")
+    assert planner.largest_fitting([1, 2, 4], measure, 2) is None
+
+
+def _plan_command(*args, topology="v5e:2x2"):
+    return [sys.executable, "-m", "flowgrpo_jax.plan", "--config", "configs/toy_geneval.py",
+            "--topology", topology, *args]
+
+
+def test_a_config_that_cannot_fit_is_told_what_to_change(tmp_path):
+    # The toy run compiled for a v5e slice, planned against 64 MiB per chip: nothing fits.
+    out = tmp_path / "plan.json"
+    result = subprocess.run(_plan_command("--nosearch", "--memory_gib=0.0625", f"--json={out}"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("does not fit:") and "Traceback" not in result.stderr
+    for knob in ("train.remat=block", "mesh.fsdp=4", "train step"):
+        assert knob in message, message
+    saved = json.loads(out.read_text())
+    assert not saved["fits"] and {p["name"] for p in saved["programs"]} == {
+        "encode", "rollout", "decode", "train step", "eval rollout", "eval decode"}
+    assert "compiling train step, 8 per chip" in result.stdout  # a progress line per compile
+
+
+def test_an_unknown_topology_is_one_line():
+    result = subprocess.run(_plan_command(topology="v9z:1x1"), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot compile for TPU topology 'v9z:1x1'")
+
+
+@pytest.mark.slow
+def test_sd35m_lora_fits_a_v5e_8_slice_at_the_shipped_sizes(tmp_path):
+    """The full SD3.5-M run of configs/sd35m_geneval.py (LoRA, CFG, 9 trained steps, 512 px,
+    128 T5 tokens) compiled for v5e:2x4: the train step at its 4 images per chip and the rollout
+    at 8 per chip fit 16 GiB chips (about 20 minutes of compiling on 2 cores)."""
+    out = tmp_path / "plan.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "flowgrpo_jax.plan", "--config", "configs/sd35m_geneval.py",
+         "--topology", "v5e:2x4", "--nosearch", f"--json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    programs = {p["name"]: p for p in json.loads(out.read_text())["programs"]}
+    assert programs["train step"]["fits"] and programs["train step"]["per_chip"] >= 2
+    assert programs["rollout"]["fits"] and programs["rollout"]["per_chip"] >= 8
