@@ -29,13 +29,15 @@ from flowgrpo_jax.sampling.schedule import flow_match_schedule
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 GiB = 2 ** 30
-# HBM per chip (device) of the TPU generations, as JAX sees them (v4 and v5p as megacores).
-TPU_MEMORY = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB,
-              "TPU v6 lite": 32 * GiB}
+# HBM per device of the TPU generations (v4 and v5p as megacores, as JAX sees them) that the TPU
+# compiler reports available to a program (v5e: 15.75 of its 16 GiB).
+TPU_MEMORY = {"TPU v4": 30.75 * GiB, "TPU v5 lite": 15.75 * GiB, "TPU v5": 95.74 * GiB,
+              "TPU v6 lite": 31.25 * GiB}
 # Single-host slices: libtpu's default splits an 8-chip v5e / v6e slice over two hosts.
 _SINGLE_HOST = {"v5e:2x4": (2, 4, 1), "v6e:2x4": (2, 4, 1)}
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceeds? .*memory")
-_USED = re.compile(r"[Uu]sed ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+# "the total memory required for HLO temporaries (28.81G) exceeds available HBM (15.75G)"
+_NEEDED = re.compile(r"required for ([\w ]+?) \(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)")
 
 
 class PlanError(ValueError):
@@ -63,7 +65,7 @@ def chip_memory(device) -> int:
     """Bytes one device can hold: the runtime's limit where there is a runtime (a GPU, or a CPU
     host's memory shared by its devices), else the TPU generation's HBM."""
     if device.device_kind in TPU_MEMORY:
-        return TPU_MEMORY[device.device_kind]
+        return int(TPU_MEMORY[device.device_kind])
     if device.platform == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
     stats = device.memory_stats() or {}
@@ -254,9 +256,9 @@ class RunPlan:
 
 
 def _oom_summary(message: str) -> str:
-    used = _USED.search(message)
-    if used:
-        return f"compiler: needs {used.group(1)}{used.group(2) or ''} of {used.group(3)}{used.group(4) or ''}"
+    needed = _NEEDED.search(message)
+    if needed:
+        return f"compiler: {needed.group(1)} need {needed.group(2)} of {needed.group(3)}"
     return "compiler: out of memory"
 
 

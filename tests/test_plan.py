@@ -45,6 +45,13 @@ def test_search_says_none_when_nothing_fits():
     assert planner.largest_fitting([1, 2, 4], measure, 2) is None
 
 
+def test_the_compilers_refusal_is_one_line():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+               "temporaries (28.81G) exceeds available HBM (15.75G).")
+    assert planner._OOM.search(message)
+    assert planner._oom_summary(message) == "compiler: HLO temporaries need 28.81G of 15.75G"
+
+
 def _plan_command(*args, topology="v5e:2x2"):
     return [sys.executable, "-m", "flowgrpo_jax.plan", "--config", "configs/toy_geneval.py",
             "--topology", topology, *args]
