@@ -15,8 +15,8 @@ import os
 import ml_collections
 
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from flowgrpo_jax.models.lora import DEFAULT_TARGETS
-from flowgrpo_jax.models.remat import POLICIES as REMAT_POLICIES
+from flowgrpo_jax.lora import DEFAULT_TARGETS
+from flowgrpo_jax.remat import POLICIES as REMAT_POLICIES
 from flowgrpo_jax.toy.prompts import DATA_DIR
 
 
@@ -87,7 +87,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.ema = True  # evaluate and export the EMA of the trained params
     c.train.ema_max_decay = 0.9
     # Per-block rematerialisation of the velocity network in the backward pass: "none",
-    # "block" (least memory) or "block_save_dots" (models/remat.py). SD3.5-M needs "block" to
+    # "block" (least memory) or "block_save_dots" (flowgrpo_jax/remat.py). SD3.5-M needs "block" to
     # train a micro batch of 2+ images per 16 GB chip (README, "Memory").
     c.train.remat = "block"
 

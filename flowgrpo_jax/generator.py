@@ -73,7 +73,7 @@ def load_generator(model_config, *, remat: str = "none", place: Callable | None 
                    abstract: bool = False) -> Generator:
     """The family's Generator from `model_config` (its `family` key names the family).
 
-    remat: the velocity network's per-block remat policy (models/remat.py). place: None (the
+    remat: the velocity network's per-block remat policy (flowgrpo_jax/remat.py). place: None (the
     first local device) or `place(role, abstract_param_state) -> pytree of Shardings`, role one
     of ROLES, so each weight is read straight into its sharding. abstract: modules of shapes
     only (nnx.eval_shape), no weights read and no tokenizer, for compiling without running.

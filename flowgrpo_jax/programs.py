@@ -18,7 +18,7 @@ from flax import nnx
 from flowgrpo_jax import parallel
 from flowgrpo_jax.generator import Generator
 from flowgrpo_jax.grpo import train_step as ts
-from flowgrpo_jax.models.lora import apply_lora
+from flowgrpo_jax.lora import apply_lora
 from flowgrpo_jax.models.mmdit import Buffer
 from flowgrpo_jax.sampling.rollout import Window, trajectory
 

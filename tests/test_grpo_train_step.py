@@ -14,7 +14,7 @@ from flax import nnx
 
 from flowgrpo_jax import parallel
 from flowgrpo_jax.grpo import train_step as ts
-from flowgrpo_jax.models.lora import apply_lora
+from flowgrpo_jax.lora import apply_lora
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
 from flowgrpo_jax.sampling.rollout import rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowgrpo_jax.models.lora import apply_lora, disabled
+from flowgrpo_jax.lora import apply_lora, disabled
 from flowgrpo_jax.models.mmdit import MMDiT, MMDiTConfig
 
 WIDTH = 16

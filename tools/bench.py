@@ -52,7 +52,7 @@ from flowgrpo_jax.convert.mmdit_table import RULES
 from flowgrpo_jax.grpo.loss import grpo_loss
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
-from flowgrpo_jax.models.remat import POLICIES as REMAT_POLICIES
+from flowgrpo_jax.remat import POLICIES as REMAT_POLICIES
 from flowgrpo_jax.sampling.rollout import rollout, score_step
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 

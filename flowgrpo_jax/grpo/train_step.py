@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from flowgrpo_jax import parallel
 from flowgrpo_jax.grpo.loss import grpo_loss
-from flowgrpo_jax.models.lora import disabled
+from flowgrpo_jax.lora import disabled
 from flowgrpo_jax.sampling.rollout import score_step
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowgrpo_jax.models import remat
+from flowgrpo_jax import remat
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS, attention
 
 TIMESTEP_CHANNELS = 256
@@ -44,7 +44,7 @@ class MMDiTConfig:
     pos_embed_max_size: int
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
-    remat: str = "none"  # per-block policy for the backward pass (models/remat.py)
+    remat: str = "none"  # per-block policy for the backward pass (flowgrpo_jax/remat.py)
     attention_impl: str = "auto"
 
     def __post_init__(self):

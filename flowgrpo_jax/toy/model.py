@@ -147,7 +147,7 @@ def abstract(folder: str = SHIPPED, remat: str = "none") -> ToyModel:
 
 def load(folder: str = SHIPPED, remat: str = "none") -> ToyModel:
     """The model stored in `folder` (default: the shipped base checkpoint); `remat` is the
-    MMDiT's per-block policy (models/remat.py)."""
+    MMDiT's per-block policy (flowgrpo_jax/remat.py)."""
     params_path = os.path.join(folder, PARAMS_FILE)
     graphdef, params, rest = nnx.split(abstract(folder, remat), nnx.Param, ...)
     with np.load(params_path) as stored:
