@@ -21,7 +21,7 @@ from flowgrpo_jax.convert.core import (ConversionError, LazyTensor, Rule, conv2d
                                        format_path, linear, target_shapes)
 from flowgrpo_jax.convert.safetensors_io import (CheckpointError, SafetensorsFolder, read_header,
                                                  read_tensor)
-from flowgrpo_jax.models.store import (ComponentLoadError, load_params, read_component_info,
+from flowgrpo_jax.convert.store import (ComponentLoadError, load_params, read_component_info,
                                        save_component)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -233,7 +233,7 @@ def check_sharded_loading_on_8_devices(folder):
     """Loads a saved Tiny over 8 devices; every device must read and hold only its shard."""
     from jax.sharding import NamedSharding
 
-    from flowgrpo_jax.models import store
+    from flowgrpo_jax.convert import store
 
     assert len(jax.devices()) == 8
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))

@@ -15,7 +15,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transf
                        StableDiffusion3Pipeline)
 from tokenizers import pre_tokenizers
 
-from flowgrpo_jax.convert.folder import convert_folder
+from flowgrpo_jax.models.conversion import convert_folder
 from flowgrpo_jax.models import load_pipeline
 from flowgrpo_jax.pipeline import encode_prompt, tokenize
 

@@ -16,7 +16,7 @@ from diffusers import SD3Transformer2DModel
 from flax import nnx
 
 from flowgrpo_jax.convert.core import ConversionError, convert, plan, target_shapes
-from flowgrpo_jax.convert.mmdit_table import RULES
+from flowgrpo_jax.models.mmdit_table import RULES
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
 from flowgrpo_jax.models import SD35M_CONFIGS
 

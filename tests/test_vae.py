@@ -12,7 +12,7 @@ from flax import nnx
 
 from flowgrpo_jax.convert.core import ConversionError, convert, plan, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
-from flowgrpo_jax.convert.vae_table import RULES
+from flowgrpo_jax.models.vae_table import RULES
 from flowgrpo_jax.models.vae import AutoencoderKL, VAEConfig
 from flowgrpo_jax.models import SD35M_CONFIGS
 

@@ -48,7 +48,7 @@ import optax
 from flax import nnx
 
 from flowgrpo_jax.convert.core import convert, target_shapes
-from flowgrpo_jax.convert.mmdit_table import RULES
+from flowgrpo_jax.models.mmdit_table import RULES
 from flowgrpo_jax.grpo.loss import grpo_loss
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig

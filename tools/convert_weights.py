@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from flowgrpo_jax.convert.core import ConversionError
-from flowgrpo_jax.convert.folder import convert_folder
+from flowgrpo_jax.models.conversion import convert_folder
 from flowgrpo_jax.convert.safetensors_io import CheckpointError
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

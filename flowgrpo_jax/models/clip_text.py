@@ -2,7 +2,7 @@
 
 Causal self-attention over the tokens, as in transformers; no padding mask (SD3 passes none).
 Module names follow transformers' with the `text_model.encoder` / `text_model.embeddings`
-prefixes dropped (see `flowgrpo_jax/convert/clip_table.py`).
+prefixes dropped (see `flowgrpo_jax/models/clip_table.py`).
 """
 import dataclasses
 from collections.abc import Mapping

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from flowgrpo_jax.models.store import load_params, read_component_info
+from flowgrpo_jax.convert.store import load_params, read_component_info
 
 
 @dataclass(frozen=True)
@@ -42,17 +42,17 @@ class Component:
 COMPONENTS = (
     Component("transformer", ("SD3Transformer2DModel",), "flowgrpo_jax.models.mmdit:MMDiT",
               "flowgrpo_jax.models.mmdit:MMDiTConfig.from_diffusers",
-              "flowgrpo_jax.convert.mmdit_table:RULES", ("remat", "attention_impl")),
+              "flowgrpo_jax.models.mmdit_table:RULES", ("remat", "attention_impl")),
     Component("vae", ("AutoencoderKL",), "flowgrpo_jax.models.vae:AutoencoderKL",
               "flowgrpo_jax.models.vae:VAEConfig.from_diffusers",
-              "flowgrpo_jax.convert.vae_table:RULES"),
+              "flowgrpo_jax.models.vae_table:RULES"),
     Component("clip_text", ("CLIPTextModelWithProjection",),
               "flowgrpo_jax.models.clip_text:CLIPTextModelWithProjection",
               "flowgrpo_jax.models.clip_text:CLIPTextConfig.from_transformers",
-              "flowgrpo_jax.convert.clip_table:RULES", ("attention_impl",)),
+              "flowgrpo_jax.models.clip_table:RULES", ("attention_impl",)),
     Component("t5_encoder", ("T5EncoderModel",), "flowgrpo_jax.models.t5:T5EncoderModel",
               "flowgrpo_jax.models.t5:T5Config.from_transformers",
-              "flowgrpo_jax.convert.t5_table:RULES", ("attention_impl",)),
+              "flowgrpo_jax.models.t5_table:RULES", ("attention_impl",)),
 )
 
 

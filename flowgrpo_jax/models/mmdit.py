@@ -2,7 +2,7 @@
 
 Numerics follow diffusers (transformer_sd3.py, attention.py JointTransformerBlock,
 attention_processor.py JointAttnProcessor2_0, normalization.py, embeddings.py); images are NHWC.
-Submodules keep diffusers' names so the conversion table (convert/mmdit_table.py) and LoRA
+Submodules keep diffusers' names so the conversion table (mmdit_table.py) and LoRA
 patterns stay short. The renames: `to_out` is diffusers' `to_out.0`, `ff.proj_in` / `ff.proj_out`
 are `ff.net.0.proj` / `ff.net.2`, and norms hold `scale` where torch holds `weight`.
 

@@ -1,7 +1,7 @@
 """diffusers' AutoencoderKL (the SD3 VAE: 16 latent channels, 8x downsampling) in Flax NNX.
 
 Images and latents are NHWC. Module names follow diffusers so the conversion table
-(`flowgrpo_jax/convert/vae_table.py`) stays short; single up/down samplers and the single
+(`flowgrpo_jax/models/vae_table.py`) stays short; single up/down samplers and the single
 mid-block attention drop diffusers' one-element lists.
 """
 import dataclasses

@@ -11,7 +11,7 @@ import shutil
 from flowgrpo_jax.convert.core import ConversionError, lazy_convert, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.models.components import component_for_class, source_class_name
-from flowgrpo_jax.models.store import save_component
+from flowgrpo_jax.convert.store import save_component
 
 # Pipeline entries that are data, not weights: copied as they are.
 COPIED_PREFIXES = ("tokenizer", "scheduler")
