@@ -11,15 +11,17 @@ little reward hacking (watch train/kl). 24 images x 48 prompts per epoch, 10 SDE
 lr 3e-4, 2 updates per epoch, global-std advantages, EMA.
 
 Variants: ":fast" (Flow-GRPO-Fast: CPS window of 3 steps in 0-5, noise 0.8, clip 1e-5, beta 0),
-":fast_nocfg" (the same without CFG), ":tiny" (the toy model and world on CPU, reward
-toy_geneval, 2 epochs of 16 images; what the tests run).
+":fast_nocfg" (the same without CFG), ":tiny" (a tiny SD3.5-style pipeline on CPU, given as
+--config.model.path, 2 epochs of 16 images with the offline jpeg_compressibility reward; what
+the tests run).
 """
 from flowgrpo_jax import config as config_lib
+from flowgrpo_jax.families.sd3 import configs as sd3_configs
 
 
 def get_config(variant: str = ""):
     config = config_lib.defaults()
-    config.model = config_lib.sd35m_model()
+    config.model = sd3_configs.sd35m()
     config.prompts.format = "geneval"
     config.prompts.train_file = "geneval/train_metadata.jsonl"
     config.prompts.test_file = "geneval/test_metadata.jsonl"
@@ -28,7 +30,7 @@ def get_config(variant: str = ""):
     config.eval_every, config.save_every = 60, 60
     config.num_epochs = 10000
     if variant == "tiny":
-        return config_lib.tiny(config, rewards="toy_geneval:1.0")
+        return sd3_configs.tiny(config, rewards="jpeg_compressibility:1.0")
     if variant in ("fast", "fast_nocfg"):
         return config_lib.fast(config, cfg=variant == "fast")
     if variant:

@@ -8,15 +8,17 @@ Prompts are a text file, one per line, the text to render between double quotes.
 server runs `ocr` (rapidocr-onnxruntime, offline). Should reach: OCR accuracy 0.59 (base) ->
 0.92 (paper). Hyperparameters as sd35m_geneval (beta 0.04).
 
-Variants: ":fast", ":fast_nocfg", ":tiny" (toy model and prompts on CPU; the reward is
-jpeg_compressibility, an offline stand-in: the toy model cannot draw text).
+Variants: ":fast", ":fast_nocfg", ":tiny" (a tiny SD3.5-style pipeline on CPU, given as
+--config.model.path; the reward is jpeg_compressibility, an offline stand-in: a tiny random
+model draws no text).
 """
 from flowgrpo_jax import config as config_lib
+from flowgrpo_jax.families.sd3 import configs as sd3_configs
 
 
 def get_config(variant: str = ""):
     config = config_lib.defaults()
-    config.model = config_lib.sd35m_model()
+    config.model = sd3_configs.sd35m()
     config.prompts.format = "text"
     config.prompts.train_file = "ocr/train.txt"
     config.prompts.test_file = "ocr/test.txt"
@@ -25,7 +27,7 @@ def get_config(variant: str = ""):
     config.eval_every, config.save_every = 60, 60
     config.num_epochs = 10000
     if variant == "tiny":
-        return config_lib.tiny(config, rewards="jpeg_compressibility:1.0")
+        return sd3_configs.tiny(config, rewards="jpeg_compressibility:1.0")
     if variant in ("fast", "fast_nocfg"):
         return config_lib.fast(config, cfg=variant == "fast")
     if variant:

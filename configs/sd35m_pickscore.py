@@ -10,17 +10,19 @@ Should reach: PickScore clearly above the base model's (the paper reports it up,
 quality kept by the KL; beta 0.01, lower than GenEval/OCR's 0.04). Our reward is the
 PickScore logit divided by 26 (docs/rewards.md).
 
-Variants: ":fast", ":fast_nocfg", ":tiny" (toy model and prompts on CPU; reward brightness,
-a learnable offline stand-in for a CLIP preference model).
+Variants: ":fast", ":fast_nocfg", ":tiny" (a tiny SD3.5-style pipeline on CPU, given as
+--config.model.path; reward brightness, a learnable offline stand-in for a CLIP preference
+model; the pickscore options stay in the config and are not used).
 """
 import ml_collections
 
 from flowgrpo_jax import config as config_lib
+from flowgrpo_jax.families.sd3 import configs as sd3_configs
 
 
 def get_config(variant: str = ""):
     config = config_lib.defaults()
-    config.model = config_lib.sd35m_model()
+    config.model = sd3_configs.sd35m()
     config.prompts.format = "text"
     config.prompts.train_file = "pickscore/train.txt"
     config.prompts.test_file = "pickscore/test.txt"
@@ -30,7 +32,7 @@ def get_config(variant: str = ""):
     config.eval_every, config.save_every = 60, 60
     config.num_epochs = 10000
     if variant == "tiny":
-        return config_lib.tiny(config, rewards="brightness:1.0")
+        return sd3_configs.tiny(config, rewards="brightness:1.0")
     if variant in ("fast", "fast_nocfg"):
         return config_lib.fast(config, cfg=variant == "fast")
     if variant:

@@ -1,9 +1,15 @@
 """Training checkpoints in a workdir: array state via orbax, host-side progress as JSON.
 
-The array state (trained params, optimizer state, EMA, step, PRNG key) is one pytree saved
-with its shardings; the host state (epoch, data position, advantage tracker) is JSON. Orbax
+A checkpoint is one step under `checkpoints/` (the trainer numbers them by epoch) with two
+items: "state", the trainer's TrainState (optimizer update count, trained params, optimizer
+state, EMA params) as one pytree, restored into the shardings of the abstract state given;
+and "host", a JSON dict, which the trainer fills with the epoch and the advantage tracker's
+seen prompts. Nothing else is saved: the trainer derives every PRNG key and the epoch's
+prompts from the config's seed and the epoch, and the frozen weights (and a full fine-tune's
+KL reference) come from the model again. The last `max_to_keep` (2) steps are kept. Orbax
 commits a step atomically, so a run killed mid-save resumes from the previous complete one.
-The workdir also keeps the config it was started with, and refuses to resume under another.
+The workdir also keeps the config it was started with (`config.json`) and refuses to resume
+under another, unless the change is only in RESUMABLE_KEYS or is explicitly allowed.
 """
 import json
 import os

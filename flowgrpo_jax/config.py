@@ -10,27 +10,26 @@ Batch sizes are GLOBAL (over all devices and processes): one epoch samples
 accumulating gradients over micro-batches of `train.micro_batch_size` images. Any device count
 works as long as it divides the chunk and micro-batch sizes.
 """
+import importlib.util
 import os
 
 import ml_collections
 
-from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from flowgrpo_jax.lora import DEFAULT_TARGETS
+from flowgrpo_jax import families
 from flowgrpo_jax.remat import POLICIES as REMAT_POLICIES
-from flowgrpo_jax.toy.prompts import DATA_DIR
+from flowgrpo_jax.sampling.sde import KINDS
 
 
 class ConfigError(ValueError):
     """A config key holds a value the trainer cannot use; the message names the key."""
 
 
-SAMPLER_KINDS = ("sde", "cps")
 PROMPT_FORMATS = ("geneval", "text")
 LR_SCHEDULES = ("constant", "cosine")
 
 
 def defaults() -> ml_collections.ConfigDict:
-    """Flow-GRPO's SD3.5-Medium defaults (DESIGN.md section 3), with global batch sizes."""
+    """Flow-GRPO's SD3.5-Medium defaults (docs/design.md section 10), with global batch sizes."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_epochs = 100
@@ -38,14 +37,15 @@ def defaults() -> ml_collections.ConfigDict:
     c.save_every = 10  # epochs; a checkpoint is also written at the end and on SIGTERM
     c.log_every = 1  # epochs between image grids in TensorBoard
 
-    # Passed as is to generator.load_generator; family-specific keys live here.
-    c.model = ml_collections.ConfigDict({"family": "sd3"})
+    # `family` names a model family (flowgrpo_jax/families/); the rest of the group is the
+    # family's own keys, passed as is to its build function.
+    c.model = ml_collections.ConfigDict({"family": ""})
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = True  # False: full fine-tuning
     c.lora.rank = 32
     c.lora.alpha = 64.0
-    c.lora.targets = tuple(DEFAULT_TARGETS)  # regexes on dotted module paths
+    c.lora.targets = ()  # regexes on dotted module paths; () = the family's own
 
     c.prompts = ml_collections.ConfigDict()
     c.prompts.format = "geneval"  # "geneval": JSON lines with metadata; "text": one prompt a line
@@ -53,7 +53,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.prompts.test_file = ""
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.kind = "sde"  # "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    c.sample.kind = "sde"  # the rollout's step kind: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
     c.sample.noise_level = 0.7
     c.sample.num_steps = 10
     c.sample.eval_num_steps = 40
@@ -153,10 +153,12 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     devices (global) in `num_processes` processes."""
     _check_known_keys(config, defaults())
     s, t = config.sample, config.train
-    if not isinstance(config.model.get("family"), str):
-        _fail("model.family", config.model.get("family"), "must name a model family")
-    if s.kind not in SAMPLER_KINDS:
-        _fail("sample.kind", s.kind, f"must be one of {SAMPLER_KINDS}")
+    if config.model.get("family") not in families.FAMILIES:
+        _fail("model.family", config.model.get("family"),
+              f"must name a model family, one of {sorted(families.FAMILIES)}")
+    if s.kind not in KINDS or s.kind == "ode":
+        _fail("sample.kind", s.kind, f"must be one of {tuple(k for k in KINDS if k != 'ode')}: "
+                                     f"the ODE has no log-probabilities to train")
     if config.prompts.format not in PROMPT_FORMATS:
         _fail("prompts.format", config.prompts.format, f"must be one of {PROMPT_FORMATS}")
     if not config.prompts.train_file:
@@ -177,9 +179,6 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         _fail("sample.noise_level", s.noise_level, "CPS needs a noise level in (0, 1)")
     if t.remat not in REMAT_POLICIES:
         _fail("train.remat", t.remat, f"must be one of {REMAT_POLICIES}")
-    attention = config.model.get("attention", "auto")
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        _fail("model.attention", attention, f"must be one of {ATTENTION_IMPLEMENTATIONS}")
     if t.lr_schedule not in LR_SCHEDULES:
         _fail("train.lr_schedule", t.lr_schedule, f"must be one of {LR_SCHEDULES}")
     if not 0 <= t.ema_max_decay < 1:
@@ -240,15 +239,9 @@ def sizes(config) -> dict:
     return {"epoch": epoch, "chunks": epoch // s.batch_size, "update": epoch // t.updates_per_epoch}
 
 
-def tiny(config, rewards: str) -> ml_collections.ConfigDict:
-    """The CPU-sized variant of a config for tests: the toy model and world, 16 images an
-    epoch in chunks of 8, 4 sampling steps, a small LoRA, an offline reward `rewards`."""
-    config.model = ml_collections.ConfigDict({"family": "toy", "path": ""})
-    config.prompts.format = "geneval"
-    config.prompts.train_file = os.path.join(DATA_DIR, "train.jsonl")
-    config.prompts.test_file = os.path.join(DATA_DIR, "test.jsonl")
-    config.reward.rewards = rewards
-    config.reward.options = ml_collections.ConfigDict()
+def tiny(config) -> ml_collections.ConfigDict:
+    """A config's run at CPU size, for tests (the model and the reward are the caller's): 16
+    images an epoch in chunks of 8, 4 sampling steps, a small LoRA, 2 epochs."""
     config.lora.rank, config.lora.alpha = 4, 8.0
     s = config.sample
     s.group_size, s.groups_per_epoch, s.batch_size = 4, 4, 8
@@ -262,14 +255,6 @@ def tiny(config, rewards: str) -> ml_collections.ConfigDict:
     return config
 
 
-def sd35m_model(path: str = "sd35m-flax") -> ml_collections.ConfigDict:
-    """SD3.5 Medium converted by tools/convert_weights.py, at 512 px in bf16, attention by
-    platform (models/attention.py)."""
-    return ml_collections.ConfigDict({
-        "family": "sd3", "path": path, "resolution": 512, "dtype": "bfloat16",
-        "max_sequence_length": 128, "attention": "auto"})
-
-
 def fast(config, *, cfg: bool = True) -> ml_collections.ConfigDict:
     """Flow-GRPO-Fast: the SDE (CPS, noise 0.8) only in a 3-step window starting in steps 0-2,
     every window step trained (the window never holds the last, peaked step), clip 1e-5, no
@@ -281,3 +266,16 @@ def fast(config, *, cfg: bool = True) -> ml_collections.ConfigDict:
     if not cfg:
         s.guidance_scale = 1.0
     return config
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(variant)` of a config file named as "path.py[:variant]"."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location("loaded_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config() function")
+    return module.get_config(variant) if variant else module.get_config()

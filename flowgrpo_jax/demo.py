@@ -5,8 +5,8 @@
 
 1. evaluates the base model (the config's `model`): strict and partial accuracy of the toy
    checker on the test prompts, ODE at `sample.eval_num_steps`, image j of prompt i from noise
-   seeded by (seed, i, j) (`evaluate.evaluate`);
-2. trains with `flowgrpo_jax.train.Trainer` (rewards from the local reward process);
+   seeded by (seed, i, j) (`evaluate.evaluate`, with the toy family's own scoring);
+2. trains with `flowgrpo_jax.train.train` (rewards from the local reward process);
 3. evaluates the trained EMA params of the last checkpoint the same way, on the same noise;
 4. prints a per-category table and writes to the workdir: `results.json` (every number, the
    per-epoch metrics and the phase times), `reward_curve.png` (train reward per epoch, eval
@@ -22,16 +22,15 @@ import time
 import jax
 import numpy as np
 from absl import flags, logging
-from flax import nnx
 from ml_collections import config_flags
 from PIL import Image
 
 from flowgrpo_jax import evaluate as ev
 from flowgrpo_jax import plot
-from flowgrpo_jax.generator import load_generator
+from flowgrpo_jax.families.toy.prompts import TAGS
 from flowgrpo_jax.logging_utils import image_grid
-from flowgrpo_jax.toy.prompts import TAGS, load_prompts
-from flowgrpo_jax.train import Trainer
+from flowgrpo_jax.prompts import PromptSet, load_prompts
+from flowgrpo_jax.train import TrainingStopped, train
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "toy_geneval.py")
@@ -40,35 +39,7 @@ PARTIAL = "toy_geneval/partial"
 IMAGES_PER_PROMPT = 4  # GenEval's protocol: 4 images per test prompt
 
 
-class RecordingTrainer(Trainer):
-    """The trainer, keeping every logged metrics dict as {"epoch": e, **metrics}."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.history = []
-
-    def _log(self, metrics: dict, step: int | None = None) -> None:
-        super()._log(metrics, step)
-        epoch = self.epoch if step is None else step
-        self.history.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
-
-
-class TrainingStopped(RuntimeError):
-    """The trainer stopped before config.num_epochs (SIGTERM); its checkpoint is saved."""
-
-
-def train(config, workdir: str) -> tuple[list[dict], float]:
-    """Runs the trainer to config.num_epochs; (logged metrics, seconds)."""
-    start = time.perf_counter()
-    trainer = RecordingTrainer(config, workdir)
-    trainer.run()
-    if trainer.epoch < config.num_epochs:
-        raise TrainingStopped(f"training in {workdir} stopped at epoch {trainer.epoch} of "
-                              f"{config.num_epochs}")
-    return trainer.history, time.perf_counter() - start
-
-
-def grid_rows(metadata: list[dict], per_tag: int) -> list[int]:
+def grid_rows(metadata, per_tag: int) -> list[int]:
     """The first `per_tag` test lines of every tag, tags in TAGS order."""
     rows = []
     for tag in TAGS:
@@ -76,13 +47,14 @@ def grid_rows(metadata: list[dict], per_tag: int) -> list[int]:
     return rows
 
 
-def evaluate_model(config, generator, params, velocity_fn, metadata, *, images_per_prompt: int,
+def evaluate_model(config, model: ev.Model, prompt_set: PromptSet, *, images_per_prompt: int,
                    seed: int, desc: str):
-    print(f"-- evaluating the {desc} model: {len(metadata)} test prompts x {images_per_prompt}, "
+    print(f"-- evaluating the {desc} model: {len(prompt_set)} test prompts x {images_per_prompt}, "
           f"ODE {config.sample.eval_num_steps} steps, CFG {config.sample.guidance_scale}", flush=True)
-    return ev.evaluate(generator, params, metadata, num_steps=config.sample.eval_num_steps,
+    return ev.evaluate(model, prompt_set, ev.scorer_for(config, model.family),
+                       num_steps=config.sample.eval_num_steps,
                        guidance_scale=config.sample.guidance_scale, images_per_prompt=images_per_prompt,
-                       seed=seed, batch_size=config.sample.eval_batch_size, velocity_fn=velocity_fn)
+                       seed=seed, batch_size=config.sample.eval_batch_size)
 
 
 def reward_curve(history: list[dict], base: dict, trained: dict, num_epochs: int):
@@ -135,41 +107,43 @@ def run(config, workdir: str, *, images_per_prompt: int = IMAGES_PER_PROMPT, num
     """The whole demo; returns what results.json holds."""
     started = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    metadata = load_prompts(config.prompts.test_file)[:num_test_prompts or None]
-    rows = grid_rows(metadata, grid_per_tag)
+    test = load_prompts(config.prompts.test_file, config.prompts.format)
+    test = test.subset(range(min(num_test_prompts or len(test), len(test))))
+    rows = grid_rows(test.metadata, grid_per_tag)
     times = {}
 
-    base_gen = load_generator(config.model)
-    base_params, base_velocity = nnx.state(base_gen.model), ev.velocity_function(base_gen)
+    base_model = ev.base_model(config.model)
     t = time.perf_counter()
-    base, _ = evaluate_model(config, base_gen, base_params, base_velocity, metadata,
-                             images_per_prompt=images_per_prompt, seed=seed, desc="base")
+    base, _ = evaluate_model(config, base_model, test, images_per_prompt=images_per_prompt,
+                             seed=seed, desc="base")
     times["eval_base_s"] = time.perf_counter() - t
     print(f"base strict accuracy {base['strict']:.3f}", flush=True)
 
     print(f"-- training: {config.num_epochs} epochs of {config.sample.groups_per_epoch} prompts x "
           f"{config.sample.group_size} images", flush=True)
-    history, times["train_s"] = train(config, workdir)
-
-    _, gen, params, velocity = ev.load_workdir(workdir)
     t = time.perf_counter()
-    trained, _ = evaluate_model(config, gen, params, velocity, metadata,
-                                images_per_prompt=images_per_prompt, seed=seed, desc="trained (EMA)")
+    history = train(config, workdir)
+    times["train_s"] = time.perf_counter() - t
+
+    _, trained_model = ev.workdir_model(workdir)
+    t = time.perf_counter()
+    trained, _ = evaluate_model(config, trained_model, test, images_per_prompt=images_per_prompt,
+                                seed=seed, desc="trained (EMA)")
     times["eval_trained_s"] = time.perf_counter() - t
 
     # Grids: more seeds of a few prompts per category, the same noise for both models.
-    grid_meta = [metadata[i] for i in rows]
-    _, base_images = evaluate_model(config, base_gen, base_params, base_velocity, grid_meta,
-                                    images_per_prompt=grid_images, seed=seed, desc="base (grid)")
-    _, trained_images = evaluate_model(config, gen, params, velocity, grid_meta,
-                                       images_per_prompt=grid_images, seed=seed, desc="trained (grid)")
-    write_figures(workdir, grid_meta, list(range(len(rows))), base_images, trained_images)
+    grid = test.subset(rows)
+    _, base_images = evaluate_model(config, base_model, grid, images_per_prompt=grid_images,
+                                    seed=seed, desc="base (grid)")
+    _, trained_images = evaluate_model(config, trained_model, grid, images_per_prompt=grid_images,
+                                       seed=seed, desc="trained (grid)")
+    write_figures(workdir, grid.metadata, list(range(len(rows))), base_images, trained_images)
     reward_curve(history, base, trained, config.num_epochs).save(os.path.join(workdir, "reward_curve.png"))
     times["total_s"] = time.perf_counter() - started
 
     results = {"base": base, "trained": trained, "history": history,
                "seconds": {k: round(v, 1) for k, v in times.items()},
-               "eval": {"num_prompts": len(metadata), "images_per_prompt": images_per_prompt,
+               "eval": {"num_prompts": len(test), "images_per_prompt": images_per_prompt,
                         "num_steps": config.sample.eval_num_steps,
                         "guidance_scale": config.sample.guidance_scale, "seed": seed},
                "config": config.to_dict(), "cpu_load_avg": list(os.getloadavg()),

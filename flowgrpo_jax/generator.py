@@ -1,16 +1,18 @@
 """What the RL code needs from a text-to-image flow model, whatever the model is.
 
-The trainer, the evaluator, the planner and the benchmarks see a model only through a
-`Generator`: a velocity network (an NNX module, where LoRA goes) and how to apply it; frozen
-text encoders with a host tokenizer and a pure `encode_tokens`; a frozen decoder with a pure
-`decode_latents`. The pure functions take the modules as arguments, so the trainer can jit them
-over a device mesh with the weights sharded, and the planner can compile them for a TPU with
-only the modules' shapes (an abstract generator, `abstract=True`). Each model family builds one
-from its own checkpoint (`FAMILIES`), so RL code knows nothing of SD3 internals.
+A model family (`flowgrpo_jax/families/`) declares itself as a `Family`: how to build its
+`Generator`, which variables full fine-tuning trains, where LoRA goes by default, its negative
+prompt, and the rewards and scoring it brings. The trainer, the evaluator and the planner see
+a model only through these two objects.
+
+A `Generator` holds a velocity network (an NNX module, where LoRA goes) and how to apply it;
+frozen text encoders with a host tokenizer and a pure `encode_tokens`; a frozen decoder with a
+pure `decode_latents`. The pure functions take the modules as arguments, so the trainer can jit
+them over a device mesh with the weights sharded, and the planner can compile them for a TPU
+with only the modules' shapes (a generator built with `abstract=True`).
 """
 import dataclasses
 import functools
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +41,7 @@ class Generator:
     shift: float = 3.0  # the flow-match schedule's shift
 
     def encode(self, prompts):
-        """Text conditioning of `prompts` (the negative prompt is `encode([""])`), jitted on the
-        default device."""
+        """Text conditioning of `prompts`, jitted on the default device."""
         return self._encode_on_device(self.tokenize(list(prompts)))
 
     def decode(self, latents):
@@ -60,27 +61,38 @@ class Generator:
         return functools.partial(decode, state)
 
 
-# family name -> "module:function"; function(model_config, *, remat, place, abstract) -> Generator.
-FAMILIES = {
-    "sd3": "flowgrpo_jax.pipeline:sd3_generator",
-    "toy": "flowgrpo_jax.toy.generator:toy_generator",
-}
 # What `place(role, abstract_param_state)` is asked for: the roles of a generator's modules.
 ROLES = ("model", "encoder", "decoder")
 
 
-def load_generator(model_config, *, remat: str = "none", place: Callable | None = None,
-                   abstract: bool = False) -> Generator:
-    """The family's Generator from `model_config` (its `family` key names the family).
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family's declaration: the one object the core takes from it."""
 
-    remat: the velocity network's per-block remat policy (flowgrpo_jax/remat.py). place: None (the
-    first local device) or `place(role, abstract_param_state) -> pytree of Shardings`, role one
-    of ROLES, so each weight is read straight into its sharding. abstract: modules of shapes
-    only (nnx.eval_shape), no weights read and no tokenizer, for compiling without running.
-    """
-    family = model_config.family
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
-    module, function = FAMILIES[family].split(":")
-    build = getattr(importlib.import_module(module), function)
-    return build(model_config, remat=remat, place=place, abstract=abstract)
+    # build(model_config, *, remat="none", place=None, abstract=False) -> Generator.
+    # remat: the velocity network's per-block policy (flowgrpo_jax/remat.py). place: None (the
+    # first local device) or place(role, abstract_param_state) -> pytree of Shardings, role one
+    # of ROLES, so each weight is read straight into its sharding. abstract: modules of shapes
+    # only (nnx.eval_shape), no weights read and no tokenizer, for compiling without running.
+    build: Callable[..., Generator]
+    trainable: Any  # nnx filter of the model's variables that full fine-tuning trains
+    lora_targets: tuple  # regexes on dotted nnx.Linear paths: where LoRA goes by default
+    negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance
+    reward_plugins: tuple = ()  # modules whose import registers the family's own rewards
+    # score(images, prompts, metadata) -> {name: (N,) array}: how the evaluator scores this
+    # family's images unless told to use a reward; None: the config's rewards.
+    score: Callable | None = None
+
+
+@functools.cache
+def nnx_velocity(graphdef, apply: Callable) -> Callable:
+    """velocity_fn(params, x, t, text) = apply(model, x, t, text), the model merged from
+    `graphdef` and `params`, a tuple of NNX states ((state,), or (trainable, frozen)).
+
+    One function object per (graphdef, apply): the rollout takes velocity_fn as a static jit
+    argument, so repeated calls reuse one compilation."""
+
+    def velocity(params, x, t, text):
+        return apply(nnx.merge(graphdef, *params), x, t, text)
+
+    return velocity

@@ -20,14 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# The joint attention projections of SD3's MMDiT (diffusers names; `to_out` may be `to_out.0`).
-# `(^|\.)attn\.` anchors on a submodule named exactly "attn", so the dual attention "attn2" and
-# the feed-forward layers stay untouched.
-DEFAULT_TARGETS = (
-    r"(^|\.)attn\.(to_q|to_k|to_v|to_out(\.0)?|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
-)
-
-
 class LoRALinear(nnx.Linear):
     """An `nnx.Linear` built from an existing one (same variables, same paths) plus LoRA."""
 
@@ -83,8 +75,8 @@ def _matching_linears(model: nnx.Module, targets) -> list:
     ]
 
 
-def apply_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs,
-               targets=DEFAULT_TARGETS, param_dtype=jnp.float32) -> list:
+def apply_lora(model: nnx.Module, *, rank: int, alpha: float, rngs: nnx.Rngs, targets,
+               param_dtype=jnp.float32) -> list:
     """Adds LoRA in place to every matching `nnx.Linear`; returns the dotted paths changed.
 
     Raises if no layer matches: a typo in a target pattern must not silently train nothing.

@@ -9,12 +9,18 @@ A generator's modules are placed by role (`placement`): the velocity network by 
 the frozen text encoders fully sharded over every device whatever the mesh (T5-XXL alone is
 9.5 GB in bf16, and they run once per rollout chunk, so gathering their weights costs little),
 the decoder replicated.
+
+With several processes each one feeds and reads only the rows of a batch its devices hold;
+the helpers at the end move host values between processes and the mesh.
 """
+import hashlib
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 DATA, FSDP = "data", "fsdp"
@@ -136,3 +142,57 @@ def place(tree, shardings):
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(put, tree, shardings)
+
+
+# ---- several processes --------------------------------------------------------------------
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process; every process must call it (a collective)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """(chunks, rows of this process) from every process -> (chunks * all rows,) global order."""
+    stacked = multihost_utils.process_allgather(np.asarray(local))  # (P, chunks, rows)
+    return np.swapaxes(stacked, 0, 1).reshape(-1)
+
+
+def replicate(tree, mesh):
+    """Host values, the same on every process, as global arrays replicated over the mesh."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def local_range(mesh, size: int) -> tuple:
+    """[start, stop) of the rows of a (size, ...) batch-sharded array this process holds."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((size,))
+    starts = sorted({idx[0].start or 0 for idx in index_map.values()})
+    stops = sorted({idx[0].stop or size for idx in index_map.values()})
+    if any(a != b for a, b in zip(starts[1:], stops[:-1])):
+        raise RuntimeError(f"this process's devices hold non-contiguous batch rows {starts}..{stops}")
+    return starts[0], stops[-1]
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    shards = {s.index[0].start or 0: s.data for s in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def fingerprint(tree) -> str:
+    """SHA-256 (16 hex digits) of the array shards this process holds."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        for shard in sorted(leaf.addressable_shards, key=lambda s: str(s.index)):
+            digest.update(np.asarray(shard.data).tobytes())
+    return digest.hexdigest()[:16]

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import parallel
-from flowgrpo_jax.generator import load_generator
+from flowgrpo_jax import families, parallel
 from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.programs import build_programs, build_trainable_model, optimizer_for_config, step_config
 from flowgrpo_jax.sampling.rollout import Window
@@ -127,8 +126,9 @@ class RunPlan:
         self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
         mesh = self.mesh
         self.batch, self.replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-        self.generator = load_generator(config.model, remat=config.train.remat, abstract=True)
-        model = build_trainable_model(config, self.generator)
+        family = families.load(config.model.family)
+        self.generator = family.build(config.model, remat=config.train.remat, abstract=True)
+        model = build_trainable_model(config, family, self.generator)
         optimizer = optimizer_for_config(config)
         place = parallel.placement(mesh)
         self.trainable = _abstract(model.trainable, parallel.state_shardings(model.trainable, mesh))

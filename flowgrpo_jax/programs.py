@@ -16,10 +16,9 @@ import jax
 from flax import nnx
 
 from flowgrpo_jax import parallel
-from flowgrpo_jax.generator import Generator
+from flowgrpo_jax.generator import Family, Generator, nnx_velocity
 from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.lora import apply_lora
-from flowgrpo_jax.models.mmdit import Buffer
 from flowgrpo_jax.sampling.rollout import Window, trajectory
 
 
@@ -40,15 +39,18 @@ def optimizer_for_config(config):
                              t.max_grad_norm, decay_steps)
 
 
-def build_trainable_model(config, generator) -> TrainableModel:
+def build_trainable_model(config, family: Family, generator: Generator) -> TrainableModel:
+    """LoRA on the config's targets (the family's by default), or the family's trainable
+    variables for full fine-tuning."""
     if config.lora.enabled:
         apply_lora(generator.model, rank=config.lora.rank, alpha=config.lora.alpha,
-                   rngs=nnx.Rngs(config.seed), targets=tuple(config.lora.targets))
-        graphdef, trainable, frozen = ts.split_model(generator.model, lora=True)
+                   rngs=nnx.Rngs(config.seed),
+                   targets=tuple(config.lora.targets) or family.lora_targets)
+        trained = nnx.LoRAParam
     else:
-        graphdef, trainable, frozen = ts.split_model(
-            generator.model, lora=False, params=nnx.All(nnx.Param, nnx.Not(Buffer)))
-    return TrainableModel(ts.nnx_velocity(graphdef, generator.apply), trainable, frozen)
+        trained = family.trainable
+    graphdef, trainable, frozen = nnx.split(generator.model, trained, ...)
+    return TrainableModel(nnx_velocity(graphdef, generator.apply), trainable, frozen)
 
 
 def step_config(config, sigmas) -> ts.StepConfig:

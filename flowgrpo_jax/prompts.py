@@ -25,6 +25,10 @@ class PromptSet:
         """(prompts, metadata) lists of the given indices."""
         return [self.prompts[i] for i in indices], [self.metadata[i] for i in indices]
 
+    def subset(self, indices) -> "PromptSet":
+        prompts, metadata = self.take(indices)
+        return PromptSet(tuple(prompts), tuple(metadata))
+
 
 def load_prompts(path: str, format: str) -> PromptSet:
     with open(path) as f:

@@ -11,15 +11,14 @@ import os
 import sys
 import time
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from flowgrpo_jax.families.sd3 import DTYPES
+from flowgrpo_jax.families.sd3.loading import load_pipeline
+from flowgrpo_jax.families.sd3.pipeline import sample
 from flowgrpo_jax.logging_utils import image_grid
-from flowgrpo_jax.models import load_pipeline
-from flowgrpo_jax.pipeline import SAMPLERS, sample
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from flowgrpo_jax.sampling.sde import KINDS
 
 
 def parse_args(argv):
@@ -31,7 +30,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=4.5, help="CFG scale; <= 1 turns CFG off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ode")
+    parser.add_argument("--sampler", choices=KINDS, default="ode", help="the step kind")
     parser.add_argument("--noise_level", type=float, default=0.7, help="for sde / cps")
     parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
     parser.add_argument("--width", type=int, default=None)
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         images = sample(pipeline, [args.prompt] * args.num_images, steps=args.steps,
-                        guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                        guidance=args.guidance, seed=args.seed, kind=args.sampler,
                         noise_level=args.noise_level, height=args.height, width=args.width,
                         negative_prompt=args.negative_prompt,
                         max_sequence_length=args.max_sequence_length)

@@ -20,27 +20,30 @@ Checkpoints (orbax) are written every `save_every` epochs, at the end, and when 
 arrives (the handler sets a flag; the loop saves at its next safe point and exits). A restart
 with the same workdir resumes from the latest checkpoint; one with another config refuses
 unless --allow_config_change.
+
+From Python: `with Trainer(config, workdir, on_metrics=...) as trainer: trainer.run()`, or
+`train(config, workdir)`, which also returns every logged metrics dict.
 """
+import dataclasses
 import functools
-import hashlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from flowgrpo_jax import checkpoint as ckpt
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import parallel
-from flowgrpo_jax.generator import load_generator
+from flowgrpo_jax import families, parallel
+from flowgrpo_jax.generator import Family
 from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.grpo.advantages import PerPromptStatTracker
 from flowgrpo_jax.logging_utils import MetricWriter
@@ -48,6 +51,7 @@ from flowgrpo_jax.programs import (build_programs, build_trainable_model, optimi
                                    step_config)
 from flowgrpo_jax.prompts import epoch_prompt_indices, load_prompts
 from flowgrpo_jax.rewards.client import RewardClient
+from flowgrpo_jax.rewards.registry import options_in_use, parse_weights
 from flowgrpo_jax.sampling.rollout import Window
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
@@ -56,7 +60,7 @@ _NOISE, _ROLLOUT, _SHUFFLE = 0, 1, 2
 _EVAL = 2**31 - 1
 
 
-class _StopFlag:
+class StopFlag:
     """Set by SIGTERM; the loop checks it at safe points (between chunks, before updates)."""
 
     def __init__(self):
@@ -65,56 +69,6 @@ class _StopFlag:
     def __call__(self, signum, frame):
         logging.warning("signal %d: saving a checkpoint at the next safe point, then exiting", signum)
         self.requested = True
-
-
-def _all_processes_any(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
-
-
-def _gather_rows(local: np.ndarray) -> np.ndarray:
-    """(chunks, rows of this process) from every process -> (chunks * all rows,) global order."""
-    stacked = multihost_utils.process_allgather(np.asarray(local))  # (P, chunks, rows)
-    return np.swapaxes(stacked, 0, 1).reshape(-1)
-
-
-def _replicate(tree, mesh):
-    """Host values, the same on every process, as global arrays replicated over the mesh."""
-    sharding = parallel.replicated(mesh)
-
-    def put(x):
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(x)))
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(put, tree)
-
-
-def _local_range(mesh, size: int) -> tuple:
-    """[start, stop) of the rows of a (size, ...) batch-sharded array this process holds."""
-    index_map = parallel.batch_sharding(mesh).addressable_devices_indices_map((size,))
-    starts = sorted({idx[0].start or 0 for idx in index_map.values()})
-    stops = sorted({idx[0].stop or size for idx in index_map.values()})
-    if any(a != b for a, b in zip(starts[1:], stops[:-1])):
-        raise RuntimeError(f"this process's devices hold non-contiguous batch rows {starts}..{stops}")
-    return starts[0], stops[-1]
-
-
-def _local_rows(array: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
-    shards = {s.index[0].start or 0: s.data for s in array.addressable_shards}
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
-
-
-def _fingerprint(tree) -> str:
-    """SHA-256 (16 hex digits) of the array shards this process holds."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        for shard in sorted(leaf.addressable_shards, key=lambda s: str(s.index)):
-            digest.update(np.asarray(shard.data).tobytes())
-    return digest.hexdigest()[:16]
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -145,23 +99,57 @@ def _placed_state(module, role: str, place):
     return parallel.place(state, place(role, state))
 
 
+def reward_client(config, family: Family) -> RewardClient:
+    """The run's reward server: the one at config.reward.url, or a local process scoring
+    config.reward.rewards, with the family's reward plugins beside the configured ones. Of
+    config.reward.options only those of the rewards in use are passed, so a config keeps its
+    reward's options when a run picks another reward."""
+    r = config.reward
+    if r.url:
+        return RewardClient(url=r.url, token=r.token)
+    options = options_in_use(parse_weights(r.rewards), r.options.to_dict())
+    return RewardClient(r.rewards, options=options, token=r.token,
+                        plugins=tuple(r.plugins) + tuple(family.reward_plugins))
+
+
+@dataclasses.dataclass
+class SampledEpoch:
+    """One epoch's rollouts, and what this process sent to the reward server."""
+
+    batches: list  # per rollout chunk, a ts.TrainBatch of global arrays; advantages still None
+    rewards: list  # per chunk, the future RewardResult of this process's rows
+    prompts: list  # per chunk, this process's prompts
+    groups: list  # per chunk, the prompt index of each of this process's rows
+    images: np.ndarray  # this process's images of the first chunk, for the image log
+
+
 class Trainer:
-    def __init__(self, config, workdir: str, *, allow_config_change: bool = False):
+    """A training run in `workdir`. It owns a reward server from construction on; use it as a
+    context manager (or call close()) to stop it.
+
+    on_metrics(step, metrics) is called with every metrics dict the run logs: each epoch's
+    (step = the epoch) and each evaluation's (step = the epochs trained before it).
+    """
+
+    def __init__(self, config, workdir: str, *, allow_config_change: bool = False,
+                 on_metrics: Callable[[int, dict], None] | None = None):
         config_lib.validate(config, jax.device_count(), jax.process_count())
         self.config = config
         self.workdir = workdir
+        self.on_metrics = on_metrics
         self.is_main = jax.process_index() == 0
         self._check_workdir(allow_config_change)
         self.sizes = config_lib.sizes(config)
         s, t = config.sample, config.train
 
         self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        self.generator = load_generator(config.model, remat=t.remat, place=parallel.placement(self.mesh))
-        model = build_trainable_model(config, self.generator)
+        place = parallel.placement(self.mesh)
+        self.family = families.load(config.model.family)
+        self.generator = self.family.build(config.model, remat=t.remat, place=place)
+        model = build_trainable_model(config, self.family, self.generator)
         self.optimizer = optimizer_for_config(config)
         trainable = parallel.place(model.trainable, parallel.state_shardings(model.trainable, self.mesh))
         self.frozen = parallel.place(model.frozen, parallel.state_shardings(model.frozen, self.mesh))
-        place = parallel.placement(self.mesh)
         self.encoder = _placed_state(self.generator.encoder, "encoder", place)
         self.decoder = _placed_state(self.generator.decoder, "decoder", place)
         # Full fine-tuning keeps the initial weights as the KL reference; LoRA switches itself off.
@@ -175,8 +163,8 @@ class Trainer:
         self.programs = build_programs(self.generator, model.velocity, self.optimizer,
                                        self.step_config, self.mesh, state=self.state,
                                        frozen=self.frozen, reference=self.reference)
-        self.cfg = s.guidance_scale != 1.0
-        self.uncond = self._encode_replicated([""]) if self.cfg else None
+        self.uncond = (self._encode_replicated([self.family.negative_prompt])
+                       if s.guidance_scale != 1.0 else None)
         batch_sh = parallel.batch_sharding(self.mesh)
         self._concat = jax.jit(lambda chunks: jax.tree.map(lambda *a: jnp.concatenate(a), *chunks),
                                out_shardings=batch_sh)
@@ -194,6 +182,18 @@ class Trainer:
                                    run_config=config.to_dict())
         self.base_key = jax.random.key(config.seed)
         self.epoch = 0
+        self.rewards = reward_client(config, self.family)  # last: a failure above starts none
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.checkpointer.close()
+        self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _check_workdir(self, allow_change: bool) -> None:
         """Process 0 checks (and records) the config; every process stops if it refuses."""
@@ -203,7 +203,7 @@ class Trainer:
                 ckpt.check_workdir_config(self.workdir, self.config.to_dict(), allow_change)
             except ckpt.ConfigMismatchError as e:
                 error = e
-        if _all_processes_any(error is not None):
+        if parallel.any_process(error is not None):
             raise error or ckpt.ConfigMismatchError(
                 f"{self.workdir} was started with a different config (see process 0)")
 
@@ -228,7 +228,7 @@ class Trainer:
     # ---- sampling ----------------------------------------------------------------------------
 
     def _encode_replicated(self, prompts):
-        tokens = _replicate(self.generator.tokenize(prompts), self.mesh)
+        tokens = parallel.replicate(self.generator.tokenize(prompts), self.mesh)
         return self.programs.encode_replicated(self.encoder, tokens)
 
     def _sample_chunk(self, params, sigmas, key, noise, prompts, *, kind, window=None):
@@ -237,25 +237,25 @@ class Trainer:
         text = self.programs.encode(self.encoder, tokens)
         s = self.config.sample
         out = self.programs.rollout(kind, window)(
-            params, parallel.shard_batch(noise, self.mesh), text, _replicate(sigmas, self.mesh),
-            _replicate(key, self.mesh), s.noise_level, s.guidance_scale, self.uncond)
+            params, parallel.shard_batch(noise, self.mesh), text, parallel.replicate(sigmas, self.mesh),
+            parallel.replicate(key, self.mesh), s.noise_level, s.guidance_scale, self.uncond)
         return out, text
 
     def _images(self, final_latents) -> np.ndarray:
-        return _local_rows(self.programs.decode(self.decoder, final_latents))
+        return parallel.local_rows(self.programs.decode(self.decoder, final_latents))
 
-    def sample_epoch(self, stop: _StopFlag):
-        """Rollouts of this epoch, this process's rewards (futures) and its prompts per chunk;
-        None if a stop was requested before the epoch's sampling finished."""
+    def sample_epoch(self, stop: StopFlag | None = None) -> SampledEpoch | None:
+        """This epoch's rollouts, submitted to the reward server chunk by chunk; None if a
+        stop was requested before its sampling finished."""
         s = self.config.sample
         chunk = s.batch_size
         epoch_key = jax.random.fold_in(self.base_key, self.epoch)
         noise_key = jax.random.fold_in(epoch_key, _NOISE)
         groups = epoch_prompt_indices(len(self.train_prompts), s.groups_per_epoch,
                                       self.config.seed, self.epoch)
-        start, stop_row = _local_range(self.mesh, chunk)
+        start, stop_row = parallel.local_range(self.mesh, chunk)
         params = (self.state.params, self.frozen)
-        records, futures, local_prompts, local_groups, first_images = [], [], [], [], None
+        sampled = SampledEpoch([], [], [], [], None)
         for c in tqdm(range(self.sizes["chunks"]), desc=f"epoch {self.epoch} sampling",
                       leave=False, disable=not self.is_main):
             ids = c * chunk + np.arange(start, stop_row)  # global sample ids of this process
@@ -267,44 +267,42 @@ class Trainer:
                 params, self.sigmas, jax.random.fold_in(jax.random.fold_in(epoch_key, _ROLLOUT), c),
                 noise, prompts, kind=s.kind, window=self.window)
             images = self._images(out.final_latents)
-            futures.append(self.rewards.submit(images, prompts, metadata))  # scored meanwhile
+            sampled.rewards.append(self.rewards.submit(images, prompts, metadata))  # scored meanwhile
             if not self.config.reward.overlap:
-                futures[-1].result()
-            records.append((out.latents, out.next_latents, out.log_probs, out.sigmas,
-                            out.next_sigmas, text))
-            local_prompts.append(prompts)
-            local_groups.append(groups[group])
-            first_images = images if first_images is None else first_images
-            if _all_processes_any(stop.requested):
+                sampled.rewards[-1].result()
+            sampled.batches.append(ts.TrainBatch(out.latents, out.next_latents, out.log_probs,
+                                                 out.sigmas, out.next_sigmas, None, text))
+            sampled.prompts.append(prompts)
+            sampled.groups.append(groups[group])
+            sampled.images = images if sampled.images is None else sampled.images
+            if parallel.any_process(stop is not None and stop.requested):
                 return None
-        return records, futures, local_prompts, local_groups, first_images
+        return sampled
 
     # ---- one epoch -----------------------------------------------------------------------------
 
     def _gather_rewards(self, futures):
         """Global (N,) totals and components, in global sample order, from every process."""
         results = [f.result() for f in futures]
-        total = _gather_rows(np.stack([r.total for r in results]))
-        components = {name: _gather_rows(np.stack([r.components[name] for r in results]))
+        total = parallel.gather_rows(np.stack([r.total for r in results]))
+        components = {name: parallel.gather_rows(np.stack([r.components[name] for r in results]))
                       for name in results[0].components}
         return total, components
 
-    def train_epoch(self, stop: _StopFlag) -> dict | None:
+    def train_epoch(self, stop: StopFlag | None = None) -> dict | None:
         """One epoch; returns its metrics, or None when stopped before its updates."""
         t = self.config.train
         started = time.perf_counter()
         sampled = self.sample_epoch(stop)
         if sampled is None:
             return None
-        records, futures, local_prompts, local_groups, images = sampled
-        del sampled
-        data = self._concat(records)  # the epoch's rollouts, in one copy: the chunks are freed
-        del records
+        data = self._concat(sampled.batches)  # the epoch's rollouts in one copy; chunks freed
+        sampled.batches = None
         sample_seconds = time.perf_counter() - started
-        total, components = self._gather_rewards(futures)
+        total, components = self._gather_rewards(sampled.rewards)
         reward_wait = time.perf_counter() - started - sample_seconds
         # groups are keyed by prompt index: equal prompts of an epoch pool their rewards
-        advantages = self.tracker.update(_gather_rows(np.stack(local_groups)), total)
+        advantages = self.tracker.update(parallel.gather_rows(np.stack(sampled.groups)), total)
 
         metrics = {"reward/total_mean": total.mean(), "reward/total_std": total.std(),
                    "advantages/zero_std_ratio": advantages.zero_std_ratio,
@@ -316,25 +314,22 @@ class Trainer:
             metrics[f"reward/{name}_std"] = values.std()
         if self.is_main and self.epoch % self.config.log_every == 0:
             count = self.config.logging.num_images
-            self.writer.images(self.epoch, "train/images", images[:count],
-                               [f"{p} ({r:.3f})" for p, r in zip(local_prompts[0][:count], total)])
+            self.writer.images(self.epoch, "train/images", sampled.images[:count],
+                               [f"{p} ({r:.3f})" for p, r in zip(sampled.prompts[0][:count], total)])
 
-        if _all_processes_any(stop.requested):
+        if parallel.any_process(stop is not None and stop.requested):
             return None
         train_started = time.perf_counter()
         order = update_order(advantages.keep, seed=self.config.seed, epoch=self.epoch,
                              drop_zero_std=t.drop_zero_std_groups)
         if order is not None:
-            data = (*data[:5], data[5], _replicate(advantages.advantages, self.mesh))
-            uncond = self.uncond if self.cfg else None
+            data = data._replace(advantages=parallel.replicate(advantages.advantages, self.mesh))
             step_metrics = []
             size = self.sizes["update"]
             for u in range(t.updates_per_epoch):
-                idx = _replicate(order[u * size:(u + 1) * size], self.mesh)
-                lat, nxt, logp, sig, nsig, text, adv = self._take(data, idx)
-                batch = ts.TrainBatch(lat, nxt, logp, sig, nsig, adv, text)
+                batch = self._take(data, parallel.replicate(order[u * size:(u + 1) * size], self.mesh))
                 self.state, m = self.programs.train_step(self.state, self.frozen, self.reference,
-                                                          batch, uncond)
+                                                          batch, self.uncond)
                 step_metrics.append(m)
             for name, value in jax.device_get(step_metrics[0]).items():
                 metrics[f"train/{name}"] = np.mean([float(m[name]) for m in jax.device_get(step_metrics)])
@@ -358,7 +353,7 @@ class Trainer:
         rows = np.minimum(np.arange(padded), count - 1)  # the last prompt repeats as padding
         eval_key = jax.random.fold_in(self.base_key, _EVAL)
         params = (self.state.ema_params if self.config.train.ema else self.state.params, self.frozen)
-        start, stop_row = _local_range(self.mesh, chunk)
+        start, stop_row = parallel.local_range(self.mesh, chunk)
         futures, first_images, first_prompts = [], None, None
         for c in tqdm(range(padded // chunk), desc="eval", leave=False, disable=not self.is_main):
             ids = c * chunk + np.arange(start, stop_row)
@@ -380,26 +375,18 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
 
-    def _reward_client(self) -> RewardClient:
-        r = self.config.reward
-        if r.url:
-            return RewardClient(url=r.url, token=r.token)
-        return RewardClient(r.rewards, options=r.options.to_dict(), plugins=tuple(r.plugins),
-                            token=r.token)
-
     def run(self) -> None:
+        """Resumes from the workdir's latest checkpoint and trains to config.num_epochs, or
+        until SIGTERM (then it saves and returns with self.epoch short of num_epochs)."""
         self.restore()
-        stop = _StopFlag()
+        stop = StopFlag()
         previous = signal.signal(signal.SIGTERM, stop)
         try:
-            with self._reward_client() as self.rewards:
-                self._loop(stop)
+            self._loop(stop)
         finally:
             signal.signal(signal.SIGTERM, previous)
-            self.checkpointer.close()
-            self.writer.close()
 
-    def _loop(self, stop: _StopFlag) -> None:
+    def _loop(self, stop: StopFlag) -> None:
         c = self.config
         bar = tqdm(total=c.num_epochs, initial=self.epoch, desc="epochs", disable=not self.is_main)
         stopped = False  # decided together by all processes, so they take the same path
@@ -413,7 +400,7 @@ class Trainer:
             self._log(metrics, step=self.epoch - 1)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
-            stopped = _all_processes_any(stop.requested)
+            stopped = parallel.any_process(stop.requested)
             if stopped or self.epoch % c.save_every == 0:
                 self.save()
         bar.close()
@@ -427,16 +414,37 @@ class Trainer:
         self.save()
         # Every process reports the params it holds: replicas must agree across processes.
         print(f"process {jax.process_index()}/{jax.process_count()}: epoch {self.epoch}, params "
-              f"fingerprint {_fingerprint(self.state.params)}", flush=True)
+              f"fingerprint {parallel.fingerprint(self.state.params)}", flush=True)
 
     def _log(self, metrics: dict, step: int | None = None) -> None:
         step = self.epoch if step is None else step
         self.writer.scalars(step, metrics)
+        if self.on_metrics is not None:
+            self.on_metrics(step, metrics)
         if self.is_main:
             shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()
                              if k.startswith(("reward/total", "eval/", "train/loss", "train/kl",
                                               "train/approx_kl", "train/clipfrac", "time/epoch")))
             tqdm.write(f"epoch {step}: {shown}")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before config.num_epochs (SIGTERM); its checkpoint is saved."""
+
+
+def train(config, workdir: str) -> list[dict]:
+    """Trains to config.num_epochs in `workdir` (resuming what is there); returns every logged
+    metrics dict as {"epoch": step, **metrics}. Raises TrainingStopped when a signal stopped
+    the run first."""
+    history = []
+    record = lambda step, metrics: history.append(
+        {"epoch": step, **{k: float(v) for k, v in metrics.items()}})
+    with Trainer(config, workdir, on_metrics=record) as trainer:
+        trainer.run()
+        if trainer.epoch < config.num_epochs:
+            raise TrainingStopped(f"training in {workdir} stopped at epoch {trainer.epoch} of "
+                                  f"{config.num_epochs}")
+    return history
 
 
 FLAGS = flags.FLAGS
@@ -467,7 +475,8 @@ def main(argv) -> None:
     except (config_lib.ConfigError, ckpt.ConfigMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    trainer.run()
+    with trainer:
+        trainer.run()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ from PIL import Image
 
 from train_runs import ROOT, make_tiny_model, train_env
 
-sys.path.insert(0, str(ROOT / "tools"))
-import ablate  # noqa: E402
+
+def run_ablate(*args, timeout=300):
+    return subprocess.run([sys.executable, "tools/ablate.py", "--config", "configs/toy_geneval.py:tiny",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=train_env())
 
 
 def test_two_point_grid_runs_tables_and_plots(tmp_path):
@@ -44,18 +47,16 @@ def test_two_point_grid_runs_tables_and_plots(tmp_path):
     assert again.returncode == 2 and "fresh --out" in again.stderr
 
 
-def test_values_take_the_type_of_the_key():
-    config = ablate.load_config("configs/toy_geneval.py:tiny")
-    assert ablate.parse_value(config, "train.beta", "0") == 0.0 and isinstance(
-        ablate.parse_value(config, "train.beta", "0"), float)
-    assert ablate.parse_value(config, "sample.group_size", "6") == 6
-    assert ablate.parse_value(config, "train.ema", "false") is False
-    with pytest.raises(KeyError, match="train.betta"):
-        ablate.parse_value(config, "train.betta", "0")
-    with pytest.raises(ValueError, match="expected int"):
-        ablate.parse_value(config, "sample.group_size", "2.5")
-    with pytest.raises(ValueError, match="not KEY=VALUE"):
-        ablate.parse_assignment("train.beta")
+@pytest.mark.parametrize("grid, message", [
+    ("train.betta=0", "config has no key 'train.betta'"),
+    ("sample.group_size=2.5", "sample.group_size='2.5': expected int"),
+    ("train.ema=maybe", "train.ema='maybe': expected true or false"),
+    ("train.beta", "'train.beta' is not KEY=VALUE"),
+])
+def test_values_must_fit_the_type_of_their_key(tmp_path, grid, message):
+    result = run_ablate("--grid", grid, "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_sigterm_stops_the_grid_after_saving(tmp_path):

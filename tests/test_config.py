@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from flowgrpo_jax import config as config_lib
+from flowgrpo_jax import families
 from train_runs import checkpoint_steps, make_tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,6 +34,27 @@ def test_shipped_configs_validate_on_1_and_8_devices(name, variant):
         config_lib.validate(config, devices, processes)
     if variant != "tiny":  # the real runs also fit 32 GPUs, the paper's setup
         config_lib.validate(config, 32, 4)
+    assert config.model.family == "sd3"  # the tiny variant too: a tiny SD3 pipeline
+
+
+@pytest.mark.parametrize("variant", ["", "tiny"])
+def test_toy_config_validates(variant):
+    config = _load("toy_geneval", variant)
+    config_lib.validate(config, 1)
+    assert config.model.family == "toy"
+
+
+def test_model_keys_are_checked_by_their_family():
+    config = _load("sd35m_geneval", "tiny")
+    config.model.family = "sd4"
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.family='sd4': must name a "
+                       r"model family, one of \['sd3', 'toy'"):
+        config_lib.validate(config, 1)
+    for key, value in (("attention", "flash"), ("dtype", "float8")):
+        model = _load("sd35m_geneval", "tiny").model
+        model[key] = value
+        with pytest.raises(config_lib.ConfigError, match=f"config.model.{key}='{value}'"):
+            families.load("sd3").build(model)  # before any file is read
 
 
 @pytest.mark.parametrize("name, beta", [("sd35m_geneval", 0.04), ("sd35m_ocr", 0.04),
@@ -110,7 +132,7 @@ def test_unknown_and_mistyped_keys_are_named():
 
 def _train_cli(*args, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "flowgrpo_jax.train", "--config", "configs/sd35m_geneval.py:tiny",
+        [sys.executable, "-m", "flowgrpo_jax.train", "--config", "configs/toy_geneval.py:tiny",
          *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
@@ -130,12 +152,12 @@ def test_cli_names_a_bad_key_and_a_bad_value(tmp_path):
 def test_workdir_from_another_config_refuses_to_resume(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    recorded = _load("sd35m_geneval", "tiny").to_dict()
+    recorded = _load("toy_geneval", "tiny").to_dict()
     recorded["train"]["learning_rate"] = 1e-3
     (workdir / "config.json").write_text(json.dumps(recorded))
     refused = _train_cli("--workdir", str(workdir))
     assert refused.returncode == 2
-    assert "train.learning_rate: 0.001 -> 0.0003" in refused.stderr
+    assert "train.learning_rate: 0.001 -> 0.0002" in refused.stderr
     assert "--allow_config_change" in refused.stderr
     assert not (workdir / "checkpoints").exists()
 
@@ -143,5 +165,5 @@ def test_workdir_from_another_config_refuses_to_resume(tmp_path):
     allowed = _train_cli("--workdir", str(workdir), "--allow_config_change",
                          f"--config.model.path={model}", "--config.num_epochs=0")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
-    assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 3e-4
+    assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 2e-4
     assert checkpoint_steps(workdir) == [0]

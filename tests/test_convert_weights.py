@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from flowgrpo_jax import parallel
 from flowgrpo_jax.models.conversion import convert_folder
-from flowgrpo_jax.models import load_pipeline, load_transformer
+from flowgrpo_jax.families.sd3.loading import load_pipeline, load_transformer
 from test_encode_prompt import tiny_sd3_pipeline
 from test_mmdit import CASES, _inputs, _jitted_output, _reference, _reference_output, _relative_l2
 

@@ -16,8 +16,8 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transf
 from tokenizers import pre_tokenizers
 
 from flowgrpo_jax.models.conversion import convert_folder
-from flowgrpo_jax.models import load_pipeline
-from flowgrpo_jax.pipeline import encode_prompt, tokenize
+from flowgrpo_jax.families.sd3.loading import load_pipeline
+from flowgrpo_jax.families.sd3.pipeline import encode_prompt, tokenize
 
 T5_LENGTH = 16
 # The third is longer than both the 77 CLIP tokens (one byte per token here) and T5_LENGTH.

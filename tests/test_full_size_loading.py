@@ -27,7 +27,7 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
-from flowgrpo_jax.models import load_transformer
+from flowgrpo_jax.families.sd3.loading import load_transformer
 model = load_transformer(sys.argv[1], dtype=jnp.bfloat16)
 params = jax.block_until_ready(jax.tree.leaves(nnx.state(model, nnx.Param)))
 source = SafetensorsFolder(sys.argv[2])["transformer_blocks.3.attn.to_q.weight"]
@@ -54,7 +54,7 @@ def measured(*command) -> tuple[int, float, dict]:
 def test_full_size_transformer_converts_and_loads_within_memory_targets(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_rss, make_s, _ = measured(sys.executable, "tools/random_checkpoint.py", "--component",
-                            "transformer", "--config", "flowgrpo_jax/models/sd35m/transformer.json",
+                            "transformer", "--config", "flowgrpo_jax/families/sd3/sd35m/transformer.json",
                             "--dst", str(src), "--dtype", "bfloat16")
     largest_file = max(os.path.getsize(src / n) for n in os.listdir(src)
                        if n.endswith(".safetensors"))

@@ -14,8 +14,9 @@ from flax import nnx
 
 from flowgrpo_jax import parallel
 from flowgrpo_jax.grpo import train_step as ts
+from flowgrpo_jax.generator import nnx_velocity
 from flowgrpo_jax.lora import apply_lora
-from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
+from flowgrpo_jax.models.mmdit import JOINT_ATTENTION, TRAINABLE, MMDiT, MMDiTConfig
 from flowgrpo_jax.sampling.rollout import rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
@@ -38,9 +39,9 @@ def _model(remat="none"):
     """The tiny model with LoRA, split for training; one velocity function object per remat
     policy for all tests, so that the jitted rollout compiles once."""
     model = MMDiT(dataclasses.replace(CONFIG, remat=remat), rngs=nnx.Rngs(0))
-    apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
-    graphdef, lora, frozen = ts.split_model(model, lora=True)
-    return ts.nnx_velocity(graphdef, _apply), lora, frozen
+    apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1), targets=JOINT_ATTENTION)
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    return nnx_velocity(graphdef, _apply), lora, frozen
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,10 +159,9 @@ def test_updates_lower_the_loss_on_a_fixed_batch():
 
 
 def test_full_fine_tuning_with_a_frozen_reference_copy():
-    graphdef, params, rest = ts.split_model(MMDiT(CONFIG, rngs=nnx.Rngs(0)), lora=False,
-                                            params=nnx.All(nnx.Param, nnx.Not(Buffer)))
+    graphdef, params, rest = nnx.split(MMDiT(CONFIG, rngs=nnx.Rngs(0)), TRAINABLE, ...)
     assert jax.tree.leaves(rest)  # the position table, a buffer, stays frozen
-    velocity = ts.nnx_velocity(graphdef, _apply)
+    velocity = nnx_velocity(graphdef, _apply)
     _, batch, uncond = _data()
     config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
     optimizer = ts.make_optimizer()

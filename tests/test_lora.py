@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from flowgrpo_jax.lora import apply_lora, disabled
-from flowgrpo_jax.models.mmdit import MMDiT, MMDiTConfig
+from flowgrpo_jax.models.mmdit import JOINT_ATTENTION, MMDiT, MMDiTConfig
 
 WIDTH = 16
 JOINT_PROJECTIONS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -56,11 +56,11 @@ def _inputs():
 def _model_with_lora(rank=4, alpha=8.0):
     model = TinyModel(nnx.Rngs(0))
     base_out = model(*_inputs())
-    paths = apply_lora(model, rank=rank, alpha=alpha, rngs=nnx.Rngs(1))
+    paths = apply_lora(model, rank=rank, alpha=alpha, rngs=nnx.Rngs(1), targets=JOINT_ATTENTION)
     return model, base_out, paths
 
 
-def test_default_targets_are_the_joint_attention_projections_only():
+def test_mmdit_targets_are_the_joint_attention_projections_only():
     _, _, paths = _model_with_lora()
     expected = sorted(
         f"blocks.{i}.attn.{name}" for i in range(2) for name in JOINT_PROJECTIONS + ["to_out.0"]
@@ -134,7 +134,7 @@ def test_bad_targets_and_rank_are_errors():
     with pytest.raises(ValueError, match="no nnx.Linear path matches"):
         apply_lora(TinyModel(nnx.Rngs(0)), rank=2, alpha=2, rngs=nnx.Rngs(1), targets=("nope",))
     with pytest.raises(ValueError, match="rank"):
-        apply_lora(TinyModel(nnx.Rngs(0)), rank=0, alpha=2, rngs=nnx.Rngs(1))
+        apply_lora(TinyModel(nnx.Rngs(0)), rank=0, alpha=2, rngs=nnx.Rngs(1), targets=JOINT_ATTENTION)
 
 
 # A tiny SD3.5-style MMDiT: dual attention (attn2) in blocks 0 and 2, qk RMS norm, and the
@@ -155,7 +155,7 @@ def test_tiny_mmdit_lora_targets_zero_init_and_reference():
     model = MMDiT(MMDIT, rngs=nnx.Rngs(0))
     forward = nnx.jit(lambda m, inputs: m(*inputs))
     base_out = forward(model, _mmdit_inputs())
-    paths = apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    paths = apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1), targets=JOINT_ATTENTION)
     expected = [f"transformer_blocks.{i}.attn.{name}" for i in range(3)
                 for name in JOINT_PROJECTIONS + ["to_out"] if not (i == 2 and name == "to_add_out")]
     assert sorted(paths) == sorted(expected)

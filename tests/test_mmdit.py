@@ -18,7 +18,7 @@ from flax import nnx
 from flowgrpo_jax.convert.core import ConversionError, convert, plan, target_shapes
 from flowgrpo_jax.models.mmdit_table import RULES
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
-from flowgrpo_jax.models import SD35M_CONFIGS
+from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
 
 DATA = SD35M_CONFIGS
 

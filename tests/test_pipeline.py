@@ -15,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from flowgrpo_jax import families
 from flowgrpo_jax import sample as sample_cli
-from flowgrpo_jax.generator import load_generator
-from flowgrpo_jax.models import load_pipeline
-from flowgrpo_jax.pipeline import apply_transformer, decode, encode_prompt, sample, sample_latents, to_uint8
+from flowgrpo_jax.families.sd3.loading import load_pipeline
+from flowgrpo_jax.families.sd3.pipeline import (apply_transformer, decode, encode_prompt, sample,
+                                                sample_latents, to_uint8)
 from test_encode_prompt import T5_LENGTH, tiny_sd3_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,12 +86,12 @@ def test_stochastic_samplers_follow_the_seed(pipelines):
     _, ours, _ = pipelines
     # the parity test's shapes, so only the SDE rollout compiles anew
     kwargs = dict(steps=STEPS, guidance=GUIDANCE, height=HEIGHT, width=WIDTH, max_sequence_length=T5_LENGTH)
-    first = sample(ours, PROMPTS, seed=1, sampler="sde", **kwargs)
+    first = sample(ours, PROMPTS, seed=1, kind="sde", **kwargs)
     assert first.dtype == np.uint8 and first.shape == (2, HEIGHT, WIDTH, 3)
-    np.testing.assert_array_equal(first, sample(ours, PROMPTS, seed=1, sampler="sde", **kwargs))
-    assert (first != sample(ours, PROMPTS, seed=2, sampler="sde", **kwargs)).any()
+    np.testing.assert_array_equal(first, sample(ours, PROMPTS, seed=1, kind="sde", **kwargs))
+    assert (first != sample(ours, PROMPTS, seed=2, kind="sde", **kwargs)).any()
     # same seed, so the same initial latents: only the SDE's added noise tells them apart
-    assert (first != sample(ours, PROMPTS, seed=1, sampler="ode", **kwargs)).any()
+    assert (first != sample(ours, PROMPTS, seed=1, kind="ode", **kwargs)).any()
 
 
 def test_bad_sampling_requests_are_named(pipelines):
@@ -99,8 +100,8 @@ def test_bad_sampling_requests_are_named(pipelines):
         sample(ours, PROMPTS, seed=0, steps=1, height=40, width=WIDTH)
     with pytest.raises(ValueError, match="exactly one of seed or key"):
         sample(ours, PROMPTS, steps=1)
-    with pytest.raises(ValueError, match="sampler 'euler'"):
-        sample(ours, PROMPTS, seed=0, steps=1, sampler="euler")
+    with pytest.raises(ValueError, match="step kind 'euler'"):
+        sample(ours, PROMPTS, seed=0, steps=1, kind="euler")
     with pytest.raises(ValueError, match="3 initial latents for 2 prompts"):
         sample(ours, PROMPTS, seed=0, steps=1, latents=np.zeros((3, 4, 6, 16), np.float32))
 
@@ -140,7 +141,7 @@ def test_cli_names_a_bad_model_folder(pipelines, tmp_path, capsys):
 
 def test_generator_serves_the_rl_code_the_same_pieces(pipelines):
     _, ours, folder = pipelines
-    generator = load_generator(ml_collections.ConfigDict(dict(
+    generator = families.load("sd3").build(ml_collections.ConfigDict(dict(
         family="sd3", path=folder, dtype="float32", resolution=HEIGHT, max_sequence_length=T5_LENGTH)))
     assert generator.latent_shape == (HEIGHT // 8, HEIGHT // 8, 16) and generator.shift == 3.0
     # prompts then negatives: the batch encode_prompt encodes, so nothing compiles anew

@@ -1,5 +1,5 @@
 """The jitted rollout: its log-probs re-scored in training mode, CFG, the SDE window, the debug
-loop and same_latent, with a tiny random nonlinear Flax velocity model."""
+loop, with a tiny random nonlinear Flax velocity model."""
 from functools import partial
 
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowgrpo_jax.sampling.rollout import Window, guided_velocity, rollout, same_latent, score_steps
+from flowgrpo_jax.sampling.rollout import Window, guided_velocity, rollout, score_step
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
 BATCH, SIZE, CHANNELS, TOKENS, TEXT_DIM = 4, 8, 4, 5, 16
@@ -64,24 +64,27 @@ def run(model, inputs, **kwargs):
 
 
 def rescore(model, inputs, out, kind="sde", noise_level=0.7):
+    """score_step on every stored step of `out`, as the train step scores them; fields (B, T)."""
     velocity_fn, params = model
     _, text, uncond = inputs
-    return score_steps(velocity_fn, params, out.latents, out.next_latents, out.sigmas, out.next_sigmas, text,
-                       kind=kind, noise_level=noise_level, sigma_max=SIGMAS[1], guidance_scale=GUIDANCE,
-                       uncond_text=uncond)
+    score = jax.jit(lambda x, x_next, sigma, sigma_next: score_step(
+        velocity_fn, params, x, x_next, sigma, sigma_next, text, kind=kind, noise_level=noise_level,
+        sigma_max=SIGMAS[1], guidance_scale=GUIDANCE, uncond_text=uncond))
+    steps = [score(out.latents[:, j], out.next_latents[:, j], out.sigmas[:, j], out.next_sigmas[:, j])
+             for j in range(out.log_probs.shape[1])]
+    return jax.tree.map(lambda *a: jnp.stack(a, axis=1), *steps)
 
 
 def test_shapes_and_chaining(model, inputs):
     out = run(model, inputs)
     steps = len(SIGMAS) - 1
     assert out.latents.shape == out.next_latents.shape == (BATCH, steps, SIZE, SIZE, CHANNELS)
-    assert out.log_probs.shape == out.timesteps.shape == out.sigmas.shape == (BATCH, steps)
+    assert out.log_probs.shape == out.sigmas.shape == out.next_sigmas.shape == (BATCH, steps)
     np.testing.assert_array_equal(out.latents[:, 0], inputs[0])
     np.testing.assert_array_equal(out.latents[:, 1:], out.next_latents[:, :-1])
     np.testing.assert_array_equal(out.final_latents, out.next_latents[:, -1])
     np.testing.assert_array_equal(out.sigmas[0], SIGMAS[:-1])
     np.testing.assert_array_equal(out.next_sigmas[0], SIGMAS[1:])
-    np.testing.assert_allclose(out.timesteps[0], flow_match_schedule(10)[1], rtol=1e-7)
 
 
 @pytest.mark.parametrize("kind,noise_level", [("sde", 0.7), ("cps", 0.8)])
@@ -133,16 +136,6 @@ def test_window_runs_sde_inside_and_ode_outside(model, inputs):
         scored = rescore(model, inputs, out)
         np.testing.assert_allclose(np.exp(scored.log_prob - out.log_probs), 1.0, atol=1e-6)
     assert len(starts) > 1
-
-
-def test_same_latent_shares_noise_within_groups():
-    noise = same_latent(jax.random.key(0), 6, (SIZE, SIZE, CHANNELS), group_size=3)
-    assert noise.shape == (6, SIZE, SIZE, CHANNELS)
-    np.testing.assert_array_equal(noise[0], noise[2])
-    np.testing.assert_array_equal(noise[3], noise[5])
-    assert not np.allclose(noise[0], noise[3])
-    with pytest.raises(ValueError, match="multiple of group_size"):
-        same_latent(jax.random.key(0), 5, (2,), group_size=3)
 
 
 @pytest.mark.parametrize("window", [Window(3, 0, 12), Window(0, 0, 4), Window(4, 3, 6)])

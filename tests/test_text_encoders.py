@@ -15,12 +15,12 @@ import transformers
 from flax import nnx
 from transformers.models.t5.modeling_t5 import T5Attention as TorchT5Attention
 
-from flowgrpo_jax.convert import clip_table, t5_table
+from flowgrpo_jax.models import clip_table, t5_table
 from flowgrpo_jax.convert.core import convert, plan, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.models.clip_text import CLIPTextConfig, CLIPTextModelWithProjection
 from flowgrpo_jax.models.t5 import T5Config, T5EncoderModel, relative_position_buckets
-from flowgrpo_jax.models import SD35M_CONFIGS
+from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
 
 DATA = SD35M_CONFIGS
 TOLERANCE = 1e-5

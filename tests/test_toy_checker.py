@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from flowgrpo_jax.toy import checker, prompts, scenes, world
+from flowgrpo_jax.families.toy import checker, prompts, scenes, world
 
 SIZE = world.DEFAULT_IMAGE_SIZE
 PER_TAG = 60

@@ -1,7 +1,6 @@
 """The toy model: shipped checkpoint, Generator interface, save/load, and pretraining."""
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,21 +9,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowgrpo_jax.generator import load_generator
-from flowgrpo_jax.toy import model as toy_model
-from flowgrpo_jax.toy.generator import to_uint8
-from flowgrpo_jax.toy.prompts import DATA_DIR, load_prompts
-from flowgrpo_jax.toy.text import Tokenizer
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import pretrain_toy  # noqa: E402
+from flowgrpo_jax import families
+from flowgrpo_jax.families.toy import latents_to_images
+from flowgrpo_jax.families.toy import model as toy_model
+from flowgrpo_jax.families.toy import pretrain
+from flowgrpo_jax.families.toy.prompts import DATA_DIR, load_metadata
+from flowgrpo_jax.families.toy.text import Tokenizer
 
 TINY = toy_model.ToyModelConfig(image_size=24, patch_size=6, width=32, heads=2, layers=1,
                                 text_width=16, text_layers=1, text_heads=2)
 
 
 def test_shipped_checkpoint_gives_a_generator_with_the_right_shapes():
-    generator = load_generator(ml_collections.ConfigDict({"family": "toy"}))
+    generator = families.load("toy").build(ml_collections.ConfigDict({"family": "toy"}))
     with open(os.path.join(toy_model.SHIPPED, toy_model.CONFIG_FILE)) as f:
         size = json.load(f)["image_size"]
     assert generator.latent_shape == (size, size, 3)
@@ -79,23 +76,23 @@ def test_position_table_tells_every_cell_apart():
 
 
 def test_decode_clips_to_uint8():
-    images = to_uint8(np.array([[[[-2.0, -1.0, 0.0], [1.0, 3.0, 0.5]]]]))
+    images = latents_to_images(np.array([[[[-2.0, -1.0, 0.0], [1.0, 3.0, 0.5]]]]))
     np.testing.assert_array_equal(images, [[[[0, 0, 128], [255, 255, 191]]]])
     assert images.dtype == np.uint8
 
 
 def test_short_pretraining_decreases_the_loss():
-    prompts = load_prompts(DATA_DIR / "train.jsonl")[:64]
-    x0, texts = pretrain_toy.Batches(prompts, 16, 0.0, seed=123, image_size=TINY.image_size).next()
+    prompts = load_metadata(DATA_DIR / "train.jsonl")[:64]
+    x0, texts = pretrain.Batches(prompts, 16, 0.0, seed=123, image_size=TINY.image_size).next()
     held_out = (jnp.asarray(x0),) + Tokenizer(max_length=TINY.max_length).encode(texts)
 
     @nnx.jit
     def loss_of(model):  # mean over several noise draws: one draw is too noisy to compare
-        return jnp.mean(jnp.stack([pretrain_toy.flow_matching_loss(model, *held_out, jax.random.key(k))
+        return jnp.mean(jnp.stack([pretrain.flow_matching_loss(model, *held_out, jax.random.key(k))
                                    for k in range(8)]))
 
     before = loss_of(toy_model.ToyModel(TINY, rngs=nnx.Rngs(0)))
-    model, losses = pretrain_toy.pretrain(
+    model, losses = pretrain.pretrain(
         TINY, prompts, steps=30, batch_size=16, lr=3e-3, warmup=5, weight_decay=1e-4, cfg_dropout=0.1,
         seed=0, progress=False)
     assert len(losses) == 30 and np.all(np.isfinite(losses))
@@ -106,17 +103,17 @@ def test_short_pretraining_decreases_the_loss():
 def test_pretraining_with_ema_returns_the_average_of_the_weights(tmp_path):
     """The EMA (decay ramped as (1 + step) / (10 + step), capped) of the weights of the same run
     without it, whose per-step snapshots are the weights themselves."""
-    prompts = load_prompts(DATA_DIR / "train.jsonl")[:32]
+    prompts = load_metadata(DATA_DIR / "train.jsonl")[:32]
     kw = dict(steps=3, batch_size=8, lr=3e-3, warmup=1, weight_decay=1e-4, cfg_dropout=0.1, seed=0,
               progress=False)
-    pretrain_toy.pretrain(TINY, prompts, save_every=1, out=str(tmp_path), **kw)
+    pretrain.pretrain(TINY, prompts, save_every=1, out=str(tmp_path), **kw)
     weights = [nnx.state(toy_model.ToyModel(TINY, rngs=nnx.Rngs(0)), nnx.Param)] + [
         nnx.state(toy_model.load(str(tmp_path / f"step_{s}")), nnx.Param) for s in (1, 2, 3)]
     expected = weights[0]
     for step in (1, 2, 3):
         decay = min(0.2, (1 + step) / (10 + step))
         expected = jax.tree.map(lambda e, w: decay * e + (1 - decay) * w, expected, weights[step])
-    ema_model, _ = pretrain_toy.pretrain(TINY, prompts, ema_decay=0.2, **kw)
+    ema_model, _ = pretrain.pretrain(TINY, prompts, ema_decay=0.2, **kw)
     got = nnx.state(ema_model, nnx.Param)
     assert not np.allclose(jax.tree.leaves(got)[0], jax.tree.leaves(weights[3])[0])
     for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):

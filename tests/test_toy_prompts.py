@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from flowgrpo_jax.toy import prompts, world
+from flowgrpo_jax.families.toy import prompts, world
 
-TRAIN = prompts.load_prompts(prompts.DATA_DIR / "train.jsonl")
-TEST = prompts.load_prompts(prompts.DATA_DIR / "test.jsonl")
+TRAIN = prompts.load_metadata(prompts.DATA_DIR / "train.jsonl")
+TEST = prompts.load_metadata(prompts.DATA_DIR / "test.jsonl")
 
 
 def test_shipped_files_are_what_the_seeded_generator_writes(tmp_path):
@@ -72,12 +72,12 @@ def test_bad_metadata_is_named(change, message):
         prompts.validate_metadata({**good, **change})
 
 
-def test_load_prompts_names_the_bad_line(tmp_path):
+def test_load_metadata_names_the_bad_line(tmp_path):
     path = tmp_path / "p.jsonl"
     good = prompts.all_prompts("colors")[0]
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tag": "nope"}) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl:2: metadata tag 'nope'"):
-        prompts.load_prompts(path)
+        prompts.load_metadata(path)
 
 
 def test_test_asks_for_every_count_colour_and_relation():

@@ -3,15 +3,21 @@ import re
 import numpy as np
 import pytest
 
+from flowgrpo_jax import families
+from flowgrpo_jax.families.toy import prompts, scenes, world
 from flowgrpo_jax.rewards import registry
 from flowgrpo_jax.rewards.client import RewardClient
-from flowgrpo_jax.toy import prompts, scenes, world
+
+# The toy family's reward, as the trainer loads it into its reward server.
+PLUGINS = families.load("toy").reward_plugins
+for plugin in PLUGINS:
+    registry.load_plugin(plugin)
 
 
 def _batch(n_right=3):
     """Three correct renders of test prompts, then each of the same prompts drawn wrong."""
     rng = np.random.default_rng(0)
-    metadata = [m for m in prompts.load_prompts(prompts.DATA_DIR / "test.jsonl")
+    metadata = [m for m in prompts.load_metadata(prompts.DATA_DIR / "test.jsonl")
                 if m["tag"] == "colors"][:n_right]
     right = [world.render_scene(scenes.sample_scene(m, rng)) for m in metadata]
     wrong = [world.render_scene(scenes.sample_scene(
@@ -45,7 +51,7 @@ def test_reward_refuses_prompts_that_do_not_match_the_metadata():
 
 def test_reward_through_a_real_server_process():
     images, texts, metadata = _batch()
-    with RewardClient("toy_geneval:1.0", startup_timeout=120) as client:
+    with RewardClient("toy_geneval:1.0", plugins=PLUGINS, startup_timeout=120) as client:
         result = client.score(images, texts, metadata)
     np.testing.assert_allclose(result.total, [1, 1, 1, 0.5, 0.5, 0.5])
     np.testing.assert_array_equal(result.components["toy_geneval/strict"], [1, 1, 1, 0, 0, 0])

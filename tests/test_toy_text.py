@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowgrpo_jax.toy import prompts, text
+from flowgrpo_jax.families.toy import prompts, text
 
 
 def test_tokenizer_round_trips_every_prompt_of_the_grammar():

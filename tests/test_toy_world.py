@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from flowgrpo_jax.toy import prompts, scenes, world
+from flowgrpo_jax.families.toy import prompts, scenes, world
 
 
 def test_render_draws_palette_colours_on_black():
@@ -52,7 +52,7 @@ def test_sampled_scenes_meet_their_metadata(tag):
                     for t in groups[target]:
                         assert world.relations(o.box(), t.box()) == {relation}
                         # at the ends of the middle row (left/right) or column (above/below)
-                        grid, middle, last = scenes.GRID, scenes.GRID // 2, scenes.GRID - 1
+                        grid, middle, last = scenes.CELLS_PER_SIDE, scenes.CELLS_PER_SIDE // 2, scenes.CELLS_PER_SIDE - 1
                         cells = sorted((round(v.cy * grid - 0.5), round(v.cx * grid - 0.5)) for v in (o, t))
                         horizontal = relation in ("left of", "right of")
                         assert cells == ([(middle, 0), (middle, last)] if horizontal
@@ -61,7 +61,7 @@ def test_sampled_scenes_meet_their_metadata(tag):
         assert start == len(scene)
         centres = [(o.cx, o.cy) for o in scene]
         assert len(set(centres)) == len(scene)  # one object per cell
-        assert set(centres) <= {scenes.cell_centre(c) for c in range(scenes.GRID ** 2)}
+        assert set(centres) <= {scenes.cell_centre(c) for c in range(scenes.CELLS_PER_SIDE ** 2)}
         assert all(o.size == scenes.OBJECT_SIZE for o in scene)
 
 
@@ -75,10 +75,10 @@ def test_sampler_rejects_contradictory_metadata():
                              "prompt": "a photo of a dog"}, np.random.default_rng(0))
 
 
-def test_sample_images_is_seeded():
+def test_ground_truth_images_are_seeded():
     metadata = prompts.all_prompts("color_attr")[:4]
-    a = scenes.sample_images(metadata, np.random.default_rng(3), size=32)
-    b = scenes.sample_images(metadata, np.random.default_rng(3), size=32)
+    a = scenes.ground_truth_images(metadata, np.random.default_rng(3), size=32)
+    b = scenes.ground_truth_images(metadata, np.random.default_rng(3), size=32)
     assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, scenes.sample_images(metadata, np.random.default_rng(4), size=32))
+    assert not np.array_equal(a, scenes.ground_truth_images(metadata, np.random.default_rng(4), size=32))

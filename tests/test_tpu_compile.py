@@ -16,7 +16,7 @@ import pathlib
 import pytest
 
 from flowgrpo_jax import planner
-from flowgrpo_jax.models import SD35M_CONFIGS
+from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOPOLOGY = "v5e:2x2"

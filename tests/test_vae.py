@@ -14,7 +14,7 @@ from flowgrpo_jax.convert.core import ConversionError, convert, plan, target_sha
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.models.vae_table import RULES
 from flowgrpo_jax.models.vae import AutoencoderKL, VAEConfig
-from flowgrpo_jax.models import SD35M_CONFIGS
+from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
 
 DATA = SD35M_CONFIGS
 TOLERANCE = 1e-5

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flowgrpo_jax.toy.model import ToyModel, ToyModelConfig, save
+from flowgrpo_jax.families.toy.model import ToyModel, ToyModelConfig, save
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 16 px images, one MMDiT block of width 32: a CPU epoch of 16 images takes well under a second.
@@ -24,9 +24,18 @@ def make_tiny_model(folder) -> str:
     return str(folder)
 
 
-def train_command(workdir, model, *overrides, config="configs/sd35m_pickscore.py:tiny") -> list:
-    return [sys.executable, "-m", "flowgrpo_jax.train", "--config", config,
-            "--workdir", str(workdir), f"--config.model.path={model}", *overrides]
+# The trainer tests' run: the toy family's tiny variant with LoRA (rank 4 on the MMDiT's joint
+# attention), the brightness reward (learnable by a random model), the SDE on all 4 steps and
+# 2 updates an epoch at a constant 3e-4.
+TOY_RUN = ("--config", "configs/toy_geneval.py:tiny", "--config.reward.rewards=brightness:1.0",
+           "--config.lora.enabled=True", "--config.train.learning_rate=3e-4",
+           "--config.train.lr_schedule=constant", "--config.train.updates_per_epoch=2",
+           "--config.sample.window_size=0", "--config.train.timestep_fraction=0.99")
+
+
+def train_command(workdir, model, *overrides) -> list:
+    return [sys.executable, "-m", "flowgrpo_jax.train", *TOY_RUN, "--workdir", str(workdir),
+            f"--config.model.path={model}", *overrides]
 
 
 def train_env(devices: int = 1) -> dict:

@@ -9,11 +9,10 @@ training run of the config with those values and the fixed `--set` ones, in OUT/
 type of the key's current value (bool, int, float, str). Results: a table on stdout,
 OUT/ablate.json (every run's overrides, per-epoch reward means and summary) and OUT/ablate.png
 (the reward mean per epoch of every run). A run's "final reward" is the mean of its last
-`--last` epochs' reward means; "eval strict" is the trainer's last eval (when eval_every > 0);
+`--last` epochs' reward means; "eval reward" is the trainer's last eval (when eval_every > 0);
 "epoch s" and "rollout s" (sampling plus the wait for the last rewards) are medians over epochs.
 """
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -23,19 +22,12 @@ import time
 import numpy as np
 from absl import logging
 
+from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import plot
-from flowgrpo_jax.demo import DEFAULT_CONFIG, STRICT, TrainingStopped, train
+from flowgrpo_jax.train import TrainingStopped, train
 
-
-def load_config(spec: str):
-    """`get_config(variant)` of "path.py[:variant]"."""
-    path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location("ablated_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "toy_geneval.py")
 
 
 def parse_value(config, key: str, text: str):
@@ -86,26 +78,26 @@ def run_name(overrides: dict) -> str:
 
 def summarize(history: list[dict], last: int) -> dict:
     rewards = [h["reward/total_mean"] for h in history if "reward/total_mean" in h]
-    evals = [h[f"eval/{STRICT}_mean"] for h in history if f"eval/{STRICT}_mean" in h]
+    evals = [h["eval/reward_mean"] for h in history if "eval/reward_mean" in h]
     epochs = [h for h in history if "time/epoch_s" in h]
     # rollout = sampling + waiting for the last rewards: the part reward.overlap changes
     rollout = [h["time/sample_s"] + h["time/reward_wait_s"] for h in epochs]
     return {"first_reward": rewards[0] if rewards else None,
             "final_reward": float(np.mean(rewards[-last:])) if rewards else None,
-            "eval_strict": evals[-1] if evals else None,
+            "eval_reward": evals[-1] if evals else None,
             "median_epoch_s": float(np.median([h["time/epoch_s"] for h in epochs])) if epochs else None,
             "median_rollout_s": float(np.median(rollout)) if epochs else None}
 
 
 def format_table(results: list[dict]) -> str:
     keys = list(results[0]["overrides"])
-    header = [*keys, "first reward", "final reward", "eval strict", "epoch s", "rollout s"]
+    header = [*keys, "first reward", "final reward", "eval reward", "epoch s", "rollout s"]
     rows = []
     for r in results:
         s = r["summary"]
         rows.append([str(r["overrides"][k]) for k in keys] + [
             "-" if s[name] is None else f"{s[name]:.2f}" if name.endswith("_s") else f"{s[name]:.3f}"
-            for name in ("first_reward", "final_reward", "eval_strict", "median_epoch_s",
+            for name in ("first_reward", "final_reward", "eval_reward", "median_epoch_s",
                          "median_rollout_s")])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
@@ -129,7 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.set_verbosity(logging.WARNING)
     try:
-        config = load_config(args.config)
+        config = config_lib.load_file(args.config)
         fixed = {}
         for text in args.set:
             key, values = parse_assignment(text)
@@ -154,7 +146,7 @@ def main(argv=None) -> int:
         print(f"-- run {len(results) + 1}: {name}", flush=True)
         started = time.perf_counter()
         try:
-            history, _ = train(apply(config, overrides), os.path.join(args.out, name))
+            history = train(apply(config, overrides), os.path.join(args.out, name))
         except TrainingStopped as e:
             print(f"grid stopped: {e}", file=sys.stderr)
             return 1

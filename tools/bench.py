@@ -9,7 +9,7 @@ a diffusers `SD3Transformer2DModel` with random init is converted in memory to o
 - rollout: 10 Flow-GRPO SDE steps with CFG (uncond and cond in one forward of batch 2B),
   recording every step's latents and log-probs. JAX: `sampling.rollout`, compiled ahead of
   time. PyTorch: diffusers' model under `torch.inference_mode()` and the same step formula
-  (DESIGN.md section 2) written in torch. Both get identical initial noise and per-step noise
+  (docs/design.md section 2) written in torch. Both get identical initial noise and per-step noise
   (the noise `rollout` draws from its key is drawn here once and handed to torch).
 - loss step: one forward+backward of the GRPO loss on one stored transition of that rollout:
   the policy re-scores it with CFG, a frozen reference model (a second random-init model, so
@@ -48,23 +48,23 @@ import optax
 from flax import nnx
 
 from flowgrpo_jax.convert.core import convert, target_shapes
-from flowgrpo_jax.models.mmdit_table import RULES
+from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
+from flowgrpo_jax.generator import nnx_velocity
 from flowgrpo_jax.grpo.loss import grpo_loss
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
+from flowgrpo_jax.models.mmdit import TRAINABLE, MMDiT, MMDiTConfig
+from flowgrpo_jax.models.mmdit_table import RULES
 from flowgrpo_jax.remat import POLICIES as REMAT_POLICIES
 from flowgrpo_jax.sampling.rollout import rollout, score_step
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SD35M_CONFIG = os.path.join(ROOT, "tests", "data", "sd35m", "transformer.json")
+SD35M_CONFIG = os.path.join(SD35M_CONFIGS, "transformer.json")
 NUM_STEPS = 10
 NOISE_LEVEL = 0.7
 GUIDANCE_SCALE = 4.5
 CLIP_RANGE = 1e-4
 KL_BETA = 0.04
 LOSS_STEP = 1  # which stored transition the loss step re-scores (an interior step)
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(Buffer))  # torch keeps pos_embed as a buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +150,9 @@ def _to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def mmdit_velocity(graphdef, params, x, t, text):
-    """velocity_fn for `rollout`: params = (trainable, buffers) of an MMDiT split by TRAINABLE."""
-    return nnx.merge(graphdef, *params)(x, t, text["states"], text["pooled"])
+def apply_mmdit(model, x, t, text):
+    """The MMDiT's velocity; the rollout's params are (trainable, buffers), split by TRAINABLE."""
+    return model(x, t, text["states"], text["pooled"])
 
 
 def abstract_mmdit(model_config: dict, dtype: str, attention: str, remat: str) -> MMDiT:
@@ -242,7 +242,7 @@ def torch_guided_velocity(model, x, sigma, text, uncond, guidance_scale, dtype):
 
 
 def torch_sde_step(v, x, sigma, sigma_next, sigma_max, noise_level, *, eps=None, prev_sample=None):
-    """Flow-GRPO SDE step in float32 (DESIGN.md section 2); sigma, sigma_next (B,).
+    """Flow-GRPO SDE step in float32 (docs/design.md section 2); sigma, sigma_next (B,).
     Returns (next_sample, log_prob (B,), mean, std_t (B,))."""
     import torch
 
@@ -357,8 +357,8 @@ def _versions() -> dict:
 
 def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str, remat: str,
               threads: int, seed: int = 0) -> tuple[dict, dict]:
-    """Builds both sides from the same weights and batch and times them; returns (the result for the JSON,
-    the raw outputs of both sides: final latents, log-probs, loss-step scalars)."""
+    """Builds both sides from the same weights and batch and times them; returns (the result
+    for the JSON, the raw outputs of both sides: final latents, log-probs, loss-step scalars)."""
     import torch
 
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
@@ -374,7 +374,7 @@ def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str,
         policy_torch.enable_gradient_checkpointing()
     graphdef, params = to_jax(policy_torch, config.dtype, attention, remat)
     _, ref_params = to_jax(ref_torch, config.dtype, attention, remat)
-    velocity_fn = partial(mmdit_velocity, graphdef)
+    velocity_fn = nnx_velocity(graphdef, apply_mmdit)
 
     # (a) rollouts
     text, uncond = jax_text(inputs, config.dtype)
@@ -453,7 +453,7 @@ def check_shapes(config: BenchConfig, attention: str, remat: str) -> dict:
     """`jax.eval_shape` of the rollout and the loss step at full size: no weights, no compute."""
     model = abstract_mmdit(config.model, config.dtype, attention, remat)
     graphdef, trainable, buffers = nnx.split(model, TRAINABLE, ...)
-    velocity_fn = partial(mmdit_velocity, graphdef)
+    velocity_fn = nnx_velocity(graphdef, apply_mmdit)
     sigmas = flow_match_schedule(NUM_STEPS)[0]
     spec = lambda a, dtype=None: jax.ShapeDtypeStruct(np.shape(a), dtype or np.asarray(a).dtype)
     inputs = make_inputs(dataclasses.replace(config, batch=1), 0)

@@ -1,7 +1,7 @@
 """Writes a full-size diffusers component folder of random weights, for memory and speed tests.
 
     python tools/random_checkpoint.py --component transformer \
-        --config flowgrpo_jax/models/sd35m/transformer.json --dst /tmp/sd35m-random/transformer
+        --config flowgrpo_jax/families/sd3/sd35m/transformer.json --dst /tmp/sd35m-random/transformer
 
 The folder is what diffusers' save_pretrained writes (config.json and
 diffusion_pytorch_model.safetensors with diffusers' key names and shapes), with values drawn

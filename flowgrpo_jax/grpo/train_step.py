@@ -7,8 +7,8 @@ explicit `lax.scan` (what the reference's gradient accumulation computes, exactl
 to a global norm, applies AdamW and updates an EMA of the trained params.
 
 Parameters enter as two NNX states: `trainable` (what the optimizer updates) and `frozen`
-(the rest). The velocity model is `velocity_fn((trainable, frozen), x, t, text)`; `nnx_velocity`
-builds one from an NNX graphdef. The reference policy for the KL term is
+(the rest). The velocity model is `velocity_fn((trainable, frozen), x, t, text)`
+(`generator.nnx_velocity` builds one from an NNX graphdef). The reference policy for the KL term is
 - with LoRA: the same weights with the LoRA zeroed (`lora.disabled`); pass `reference=None`;
 - with full fine-tuning: a frozen copy of the initial trainable params, passed as `reference`
   (it costs a second copy of the weights, which LoRA avoids).
@@ -21,7 +21,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flowgrpo_jax import parallel
@@ -71,31 +70,22 @@ def num_train_timesteps(num_steps: int, fraction: float) -> int:
 
 
 def make_optimizer(learning_rate=3e-4, b1=0.9, b2=0.999, weight_decay=1e-4, eps=1e-8,
-                   max_grad_norm=1.0, decay_steps: int = 0) -> optax.GradientTransformation:
-    """AdamW (decoupled decay, as torch.optim.AdamW) after global-norm gradient clipping; with
-    `decay_steps` > 0 the rate follows a cosine from `learning_rate` down to 0 over that many
-    updates (the reference keeps it constant)."""
+                   max_grad_norm=1.0, decay_steps: int = 0,
+                   warmup_steps: int = 0) -> optax.GradientTransformation:
+    """AdamW (decoupled decay, as torch.optim.AdamW) after global-norm gradient clipping. The
+    rate is constant (as in the reference), or with `decay_steps` > 0 follows a cosine from
+    `learning_rate` down to 0 over that many updates, or with `warmup_steps` > 0 rises
+    linearly from 0 over that many updates, then stays."""
+    if decay_steps > 0 and warmup_steps > 0:
+        raise ValueError("give decay_steps or warmup_steps, not both")
     if decay_steps > 0:
         learning_rate = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    if warmup_steps > 0:
+        learning_rate = optax.linear_schedule(0.0, learning_rate, warmup_steps)
     return optax.chain(
         optax.clip_by_global_norm(max_grad_norm),
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
     )
-
-
-def split_model(model: nnx.Module, *, lora: bool, params=nnx.Param):
-    """(graphdef, trainable, frozen): the LoRA params, or for full fine-tuning the variables
-    `params` selects (the MMDiT's: nnx.All(nnx.Param, nnx.Not(mmdit.Buffer)))."""
-    return nnx.split(model, nnx.LoRAParam if lora else params, ...)
-
-
-def nnx_velocity(graphdef, apply: Callable) -> Callable:
-    """velocity_fn((trainable, frozen), x, t, text) = apply(model, x, t, text) on the merged model."""
-
-    def velocity(params, x, t, text):
-        return apply(nnx.merge(graphdef, *params), x, t, text)
-
-    return velocity
 
 
 def init_train_state(params, optimizer) -> TrainState:

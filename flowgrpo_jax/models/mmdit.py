@@ -92,7 +92,17 @@ class MMDiTConfig:
 
 class Buffer(nnx.Param):
     """A converted weight that diffusers keeps as a buffer: loaded like a parameter, but not
-    counted as one. Select trainable weights with `nnx.All(nnx.Param, nnx.Not(Buffer))`."""
+    counted as one, and not trained (`TRAINABLE`)."""
+
+
+# The weights full fine-tuning trains: every parameter but the buffers (the position table).
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(Buffer))
+# LoRA targets: the joint attention projections (diffusers names; `to_out` may be `to_out.0`).
+# `(^|\.)attn\.` anchors on a submodule named exactly "attn", so the dual attention "attn2" and
+# the feed-forward layers stay untouched.
+JOINT_ATTENTION = (
+    r"(^|\.)attn\.(to_q|to_k|to_v|to_out(\.0)?|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
+)
 
 
 def _partitioned(init, axes):

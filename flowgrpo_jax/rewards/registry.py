@@ -11,6 +11,9 @@ sub-scores, which are only logged. Registering a new reward is one decorator:
     @register("my_reward")
     def my_reward(**options):
         return lambda images, prompts, metadata: {"score": ...}
+
+The built-in rewards are listed below; others come from plugin modules (`load_plugin`): a run's
+`reward.plugins` and its model family's own (the toy family's `toy_geneval`).
 """
 
 import importlib
@@ -32,7 +35,6 @@ _BUILTIN_MODULES = (
     "flowgrpo_jax.rewards.clipscore",
     "flowgrpo_jax.rewards.aesthetic",
     "flowgrpo_jax.rewards.geneval_remote",
-    "flowgrpo_jax.toy.reward",
 )
 
 
@@ -101,6 +103,12 @@ def parse_weights(text: str) -> dict:
     if not weights:
         raise ValueError(f"no reward named in {text!r}; expected e.g. 'ocr:1.0,pickscore:0.5'")
     return weights
+
+
+def options_in_use(weights: dict, options: dict) -> dict:
+    """The entries of `options` ({reward: {key: value}}) of the rewards `weights` names, so a
+    config keeps its reward's options when a run weighs other rewards."""
+    return {name: values for name, values in options.items() if name in weights}
 
 
 class WeightedReward:

@@ -33,25 +33,15 @@ class Window(NamedTuple):
 class Rollout(NamedTuple):
     """Per-step records, batch-major: (B, T, ...) with T the number of returned steps (all steps,
     or the window's size). Step j goes latents[:, j] -> next_latents[:, j] from sigmas[:, j] to
-    next_sigmas[:, j]; log_probs[:, j] is its log-prob; timesteps = 1000*sigmas is the model's
-    time input. final_latents (B, ...) is the sample at sigma = 0. All float32."""
+    next_sigmas[:, j]; log_probs[:, j] is its log-prob. final_latents (B, ...) is the sample at
+    sigma = 0. All float32."""
 
     latents: jax.Array
     next_latents: jax.Array
     log_probs: jax.Array
-    timesteps: jax.Array
     sigmas: jax.Array
     next_sigmas: jax.Array
     final_latents: jax.Array
-
-
-def same_latent(key, num_samples: int, latent_shape, group_size: int):
-    """Initial noise (num_samples, *latent_shape) where each run of `group_size` consecutive
-    samples (one prompt's group) shares one draw; group_size 1 gives independent noise."""
-    if group_size < 1 or num_samples % group_size:
-        raise ValueError(f"num_samples {num_samples} is not a positive multiple of group_size {group_size}")
-    noise = jax.random.normal(key, (num_samples // group_size, *latent_shape), jnp.float32)
-    return jnp.repeat(noise, group_size, axis=0)
 
 
 def _with_uncond_first(uncond_text, text):
@@ -128,8 +118,8 @@ def trajectory(velocity_fn, params, latents, text, sigmas, key, noise_level, gui
     keep = lambda a: jax.lax.dynamic_slice_in_dim(a, start, num_kept, axis=0)
     step_latents, next_latents, log_probs = (jnp.swapaxes(keep(a), 0, 1) for a in per_step)
     per_sample = lambda s: jnp.broadcast_to(keep(s), (batch, num_kept))
-    return Rollout(step_latents, next_latents, log_probs, per_sample(TIMESTEP_SCALE * sigmas[:-1]),
-                   per_sample(sigmas[:-1]), per_sample(sigmas[1:]), final)
+    return Rollout(step_latents, next_latents, log_probs, per_sample(sigmas[:-1]),
+                   per_sample(sigmas[1:]), final)
 
 
 _rollout_jit = jax.jit(trajectory, static_argnames=("velocity_fn", "kind", "window", "debug_loop"))
@@ -165,20 +155,3 @@ def score_step(velocity_fn, params, latents, next_latents, sigma, sigma_next, te
                         guidance_scale=guidance_scale, uncond_text=uncond_text)
     return sde_step(v, latents, sigma, sigma_next, kind=kind, noise_level=noise_level,
                     sigma_max=sigma_max, prev_sample=next_latents)
-
-
-@partial(jax.jit, static_argnames=("velocity_fn", "kind"))
-def score_steps(velocity_fn, params, latents, next_latents, sigmas, next_sigmas, text, *, kind: str,
-                noise_level, sigma_max, guidance_scale=1.0, uncond_text=None) -> StepOutput:
-    """`score_step` over every stored step of a Rollout ((B, T, ...) inputs, as Rollout lays
-    them out); returns a StepOutput whose fields are (B, T, ...)."""
-
-    def step(_, inputs):
-        x, x_next, sigma, sigma_next = inputs
-        return None, score_step(velocity_fn, params, x, x_next, sigma, sigma_next, text, kind=kind,
-                                noise_level=noise_level, sigma_max=sigma_max,
-                                guidance_scale=guidance_scale, uncond_text=uncond_text)
-
-    step_major = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), (latents, next_latents, sigmas, next_sigmas))
-    _, out = jax.lax.scan(step, None, step_major)
-    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), out)

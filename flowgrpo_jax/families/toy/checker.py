@@ -2,7 +2,8 @@
 
 Detection: each pixel bright enough to be foreground gets the palette colour of nearest hue
 (white when unsaturated), or "unknown" when no palette hue is near or the pixel is greyish;
-connected components of one label are objects; components below `min_area` are ignored; the shape is that of the nearest example in a bank of synthesised
+connected components of one label are objects; components smaller than MIN_AREA_FRACTION of
+the image are ignored; the shape is that of the nearest example in a bank of synthesised
 renders (see shape_classifier), or none when the component resembles none of them. Objects of
 a class are ranked by area, our stand-in for a detector's confidence.
 
@@ -12,16 +13,16 @@ exclude clause fails at `count` or more) and the Flow-GRPO GenEval reward server
 score for `partial`: the mean of one term per count (1 - |wanted - found| / wanted, floored
 at 0), per colour (the same on the colour count, 0 unless the class count is exact) and per
 position (1 if exact and every pair holds, else 0; the reference also appends 1 after a failed
-pair, which we treat as the bug it is).
+pair, a bug this checker does not copy).
 """
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from flowgrpo_jax.toy import shape_classifier
-from flowgrpo_jax.toy.prompts import validate_metadata
-from flowgrpo_jax.toy.world import COLORS, PALETTE, relations
+from flowgrpo_jax.families.toy import shape_classifier
+from flowgrpo_jax.families.toy.prompts import validate_metadata
+from flowgrpo_jax.families.toy.world import COLORS, PALETTE, relations
 
 FOREGROUND_THRESHOLD = 100  # max channel; a palette colour at about 40% coverage
 # Colours by HSV hue (a blend with black keeps hue and saturation): palette hues lie 47 to 79

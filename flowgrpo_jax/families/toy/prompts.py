@@ -9,7 +9,7 @@ The world is small (5 single-object prompts, 15 counting prompts, ...), so the s
 a seeded share of every tag's distinct prompts for test, and each file then lists the same
 number of lines per tag, cycling through a tag's distinct prompts where it has fewer: a line
 is one sample (like GenEval's several images per prompt), so sample each line with its own
-seed. Regenerate the shipped files with `python -m flowgrpo_jax.toy.prompts`.
+seed. Regenerate the shipped files with `python -m flowgrpo_jax.families.toy.prompts`.
 """
 import argparse
 import itertools
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowgrpo_jax.toy.world import COLORS, PLURALS, RELATIONS, SHAPES
+from flowgrpo_jax.families.toy.world import COLORS, PLURALS, RELATIONS, SHAPES
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
@@ -175,7 +175,7 @@ def write_jsonl(path, prompts) -> None:
             f.write(json.dumps(p) + "\n")
 
 
-def load_prompts(path) -> list[dict]:
+def load_metadata(path) -> list[dict]:
     """Reads a GenEval-style metadata JSON-lines file, validating every line."""
     prompts = []
     with open(path) as f:

@@ -11,9 +11,9 @@ import functools
 import numpy as np
 from PIL import Image, ImageFilter
 
-from flowgrpo_jax.toy.world import SHAPES, SceneObject, render_scene
+from flowgrpo_jax.families.toy.world import SHAPES, SceneObject, render_scene
 
-GRID = 8
+MASK_SIZE = 8  # the side of the grid a component's mask is resampled to
 SIZE_FRACTIONS = (0.2, 0.42)  # object sides the bank covers, fractions of the image side
 BLURS = (0.0, 0.01, 0.02)  # Gaussian sigmas, fractions of the image side
 OFFSETS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5))  # sub-pixel object positions
@@ -27,7 +27,7 @@ ASPECT_WEIGHT = 4.0  # weight of log(width / height): every shape of the world h
 def features(mask: np.ndarray) -> np.ndarray:
     """Feature vector of a boolean mask cropped to its box: resampled grid and aspect ratio."""
     h, w = mask.shape
-    grid = Image.fromarray(mask.astype(np.float32), mode="F").resize((GRID, GRID), Image.BOX)
+    grid = Image.fromarray(mask.astype(np.float32), mode="F").resize((MASK_SIZE, MASK_SIZE), Image.BOX)
     return np.append(np.asarray(grid).ravel(), ASPECT_WEIGHT * np.log(w / h))
 
 
@@ -45,7 +45,7 @@ def _example(shape: str, side_px: int, offset, blur_px: float, threshold: float)
 
 @functools.cache
 def bank(image_size: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(features (M, GRID*GRID + 1), shape index (M,)) for images of `image_size` pixels."""
+    """(features (M, MASK_SIZE*MASK_SIZE + 1), shape index (M,)) for images of `image_size` pixels."""
     lo, hi = (int(round(f * image_size)) for f in SIZE_FRACTIONS)
     rows, labels = [], []
     for index, shape in enumerate(SHAPES):

@@ -10,7 +10,7 @@ also returned as a sub-score, so all are logged.
 import numpy as np
 
 from flowgrpo_jax.rewards.registry import register
-from flowgrpo_jax.toy.checker import score_batch
+from flowgrpo_jax.families.toy.checker import score_batch
 
 SCORES = ("partial", "strict", "exact")
 

@@ -8,7 +8,6 @@ jitted functions; models enter them as `nnx.split` state with the graphdef stati
 calls with the same shapes reuse the compiled code.
 """
 import functools
-import os
 from typing import NamedTuple
 
 import jax
@@ -16,12 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowgrpo_jax.generator import Generator
-from flowgrpo_jax.models import SD3Pipeline, abstract_pipeline, load_pipeline
+from flowgrpo_jax.families.sd3.loading import SD3Pipeline
+from flowgrpo_jax.generator import nnx_velocity
 from flowgrpo_jax.sampling.rollout import rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
-
-SAMPLERS = ("ode", "sde", "cps")
+from flowgrpo_jax.sampling.sde import KINDS
 
 
 class PromptTokens(NamedTuple):
@@ -125,18 +123,7 @@ def apply_transformer(transformer, x, t, text: TextEmbeddings):
     return transformer(x, t, text.prompt_embeds, text.pooled)
 
 
-@functools.cache
-def transformer_velocity(graphdef):
-    """velocity_fn(state, x, t, text) for `rollout`: one function object per model structure,
-    so the jitted rollout compiles once however often it is called."""
-
-    def velocity(state, x, t, text: TextEmbeddings):
-        return apply_transformer(nnx.merge(graphdef, state), x, t, text)
-
-    return velocity
-
-
-def _latent_shape(pipeline: SD3Pipeline, height, width, latents):
+def latent_shape(pipeline: SD3Pipeline, height, width, latents):
     factor = pipeline.vae_scale_factor
     config = pipeline.transformer.config
     if latents is not None:
@@ -158,14 +145,15 @@ def _latent_shape(pipeline: SD3Pipeline, height, width, latents):
 
 
 def sample_latents(pipeline: SD3Pipeline, prompts, *, steps: int, guidance: float, key,
-                   sampler: str = "ode", noise_level: float = 0.7, height=None, width=None,
+                   kind: str = "ode", noise_level: float = 0.7, height=None, width=None,
                    latents=None, negative_prompt="", max_sequence_length: int = 256) -> jax.Array:
     """Final latents (B, H/8, W/8, 16) float32 from initial noise `latents` (drawn from `key`
-    when None) along the pipeline's flow-match schedule. CFG when guidance > 1 (as diffusers)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} not one of {SAMPLERS}")
+    when None) along the pipeline's flow-match schedule, each step of `kind` (KINDS). CFG when
+    guidance > 1 (as diffusers)."""
+    if kind not in KINDS:
+        raise ValueError(f"step kind {kind!r} not one of {KINDS}")
     prompts = _as_list(prompts, "prompts")
-    shape = _latent_shape(pipeline, height, width, latents)
+    shape = latent_shape(pipeline, height, width, latents)
     if latents is not None and latents.shape[0] != len(prompts):
         raise ValueError(f"{latents.shape[0]} initial latents for {len(prompts)} prompts")
     use_cfg = guidance > 1
@@ -179,8 +167,8 @@ def sample_latents(pipeline: SD3Pipeline, prompts, *, steps: int, guidance: floa
                                     num_train_timesteps=pipeline.scheduler.num_train_timesteps)
     graphdef, state = nnx.split(pipeline.transformer)
     uncond = TextEmbeddings(negative_embeds, negative_pooled) if use_cfg else None
-    out = rollout(transformer_velocity(graphdef), state, jnp.asarray(latents), TextEmbeddings(embeds, pooled),
-                  sigmas, key=noise_key, kind=sampler, noise_level=noise_level,
+    out = rollout(nnx_velocity(graphdef, apply_transformer), (state,), jnp.asarray(latents),
+                  TextEmbeddings(embeds, pooled), sigmas, key=noise_key, kind=kind, noise_level=noise_level,
                   guidance_scale=guidance, uncond_text=uncond)
     return out.final_latents
 
@@ -214,62 +202,19 @@ def to_uint8(images) -> np.ndarray:
 
 
 def sample(pipeline: SD3Pipeline, prompts, *, steps: int = 40, guidance: float = 4.5, seed=None,
-           key=None, sampler: str = "ode", noise_level: float = 0.7, height=None, width=None,
+           key=None, kind: str = "ode", noise_level: float = 0.7, height=None, width=None,
            latents=None, negative_prompt="", max_sequence_length: int = 256) -> np.ndarray:
     """uint8 NHWC images (B, height, width, 3), one per prompt.
 
     Give exactly one of `seed` (int) or `key` (a jax PRNG key); it draws the initial latents
-    (unless `latents` is given) and the sde / cps noise. `sampler` "ode" is the deterministic
-    Euler sampler, "sde" / "cps" Flow-GRPO's stochastic ones at `noise_level`. height and width
+    (unless `latents` is given) and the sde / cps noise. `kind` "ode" is the deterministic
+    Euler step, "sde" / "cps" Flow-GRPO's stochastic ones at `noise_level`. height and width
     default to the transformer's sample_size in pixels (1024 for SD3.5-Medium), like diffusers.
     """
     if (seed is None) == (key is None):
         raise ValueError("give exactly one of seed or key")
     key = jax.random.key(seed) if key is None else key
-    final = sample_latents(pipeline, prompts, steps=steps, guidance=guidance, key=key, sampler=sampler,
+    final = sample_latents(pipeline, prompts, steps=steps, guidance=guidance, key=key, kind=kind,
                            noise_level=noise_level, height=height, width=width, latents=latents,
                            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)
     return to_uint8(decode(pipeline, final))
-
-
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-# The role (generator.ROLES) each pipeline model plays, for the trainer's placement.
-_ROLES = {"transformer": "model", "vae": "decoder"}
-
-
-def sd3_generator(model_config, *, remat: str = "none", place=None, abstract: bool = False) -> Generator:
-    """The SD3 / SD3.5 pipeline as the RL code's `Generator` (see generator.load_generator).
-
-    model_config: `path` (a converted pipeline folder), optional `dtype` ("bfloat16", or
-    "float32"), `resolution` (512 px, square), `max_sequence_length` (T5 tokens, 128) and
-    `attention` (models/attention.py, "auto"). Abstract without a folder at `path`: SD3.5
-    Medium's shapes.
-    """
-    dtype = model_config.get("dtype", "bfloat16")
-    if dtype not in _DTYPES:
-        raise ValueError(f"model dtype {dtype!r} not one of {sorted(_DTYPES)}")
-    options = {"remat": remat, "attention_impl": model_config.get("attention", "auto")}
-    if abstract:
-        folder = model_config.path if os.path.isdir(model_config.path) else None
-        pipeline = abstract_pipeline(folder, dtype=_DTYPES[dtype], options=options)
-    else:
-        shardings = None if place is None else (
-            lambda name, state: place(_ROLES.get(name, "encoder"), state))
-        pipeline = load_pipeline(model_config.path, dtype=_DTYPES[dtype], shardings=shardings,
-                                 options=options)
-    length = model_config.get("max_sequence_length", 128)
-    resolution = model_config.get("resolution", 512)
-    shape = _latent_shape(pipeline, resolution, resolution, None)
-    clip_length = (pipeline.tokenizer.model_max_length if pipeline.tokenizer is not None
-                   else pipeline.text_encoder.config.max_position_embeddings)
-    ids = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)
-    token_shapes = PromptTokens(ids(clip_length), ids(clip_length),
-                                ids(length) if pipeline.text_encoder_3 is not None else None)
-    return Generator(
-        model=pipeline.transformer, apply=apply_transformer,
-        encoder=(pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3),
-        tokenize=None if abstract else functools.partial(tokenize, pipeline, max_sequence_length=length),
-        encode_tokens=functools.partial(text_embeddings, t5_length=length,
-                                        joint_dim=pipeline.transformer.config.joint_attention_dim),
-        decoder=pipeline.vae, decode_latents=decoded_uint8, token_shapes=token_shapes,
-        latent_shape=tuple(shape), shift=pipeline.scheduler.shift)

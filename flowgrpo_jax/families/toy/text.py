@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from flowgrpo_jax.models.attention import attention
-from flowgrpo_jax.toy.prompts import vocabulary
+from flowgrpo_jax.families.toy.prompts import vocabulary
 
 PAD, CLS = "<pad>", "<cls>"
 DEFAULT_MAX_LENGTH = 16  # <cls> + the grammar's longest prompt (10 words), with room to spare

@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 
 from flowgrpo_jax.models.mmdit import MMDiT, MMDiTConfig
-from flowgrpo_jax.toy.text import DEFAULT_MAX_LENGTH, TextEncoder, Tokenizer
-from flowgrpo_jax.toy.world import DEFAULT_IMAGE_SIZE
+from flowgrpo_jax.families.toy.text import DEFAULT_MAX_LENGTH, TextEncoder, Tokenizer
+from flowgrpo_jax.families.toy.world import DEFAULT_IMAGE_SIZE
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.npz"
@@ -36,14 +36,14 @@ MIN_SIGMA = 0.05  # floor of the sigma that divides x - x0: bounds v near the da
 @dataclasses.dataclass(frozen=True)
 class ToyModelConfig:
     image_size: int = DEFAULT_IMAGE_SIZE
-    patch_size: int = 16  # one token per cell of the scene grid (toy/scenes.py)
+    patch_size: int = 16  # one token per cell of the scene grid (scenes.py)
     width: int = 96  # MMDiT width = heads * head_dim
     heads: int = 3
     layers: int = 4
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
-    text_embed_std: float = 1.0  # init std of the text encoder's embeddings (toy/text.py)
+    text_embed_std: float = 1.0  # init std of the text encoder's embeddings (text.py)
     max_length: int = DEFAULT_MAX_LENGTH
     shift: float = 3.0  # flow-match shift of the sampler's schedule and of pretraining's times
 
@@ -73,10 +73,11 @@ def sincos_positions(grid: int, dim: int) -> np.ndarray:
     """(grid*grid, dim) 2-D sin-cos position features: half the dims code the row, half the column.
 
     Frequencies k*pi/n radians per cell (k = 1..n, n = dim/4), not SD3's geometric ones from 1
-    down to 1/10000: over a 3x3 grid those are nearly constant, the cells' features differed by
-    a norm of 1.4 against ~12 for a noise patch's embedding, and at high noise (where the layout
-    is decided) a token could not tell which cell it was, so the model never learnt a layout
-    from the text ("A left of B", docs/demo.md). These keep any two cells 6.9 apart at width 96."""
+    down to 1/10000. Over a 3x3 grid those are nearly constant: the cells' features differ by a
+    norm of about 1.4 against about 12 for a noise patch's embedding, so at high noise, where
+    the layout is decided, a token cannot tell which cell it is and a layout asked for in the
+    text ("A left of B") cannot be learnt (docs/demo.md, "Why position barely moves"). These
+    keep any two cells 6.9 apart at width 96."""
     if dim % 4:
         raise ValueError(f"width {dim} is not a multiple of 4")
     omega = np.pi * np.arange(1, dim // 4 + 1) / (dim // 4)
