@@ -1,4 +1,5 @@
-"""The flow-match schedule against diffusers' scheduler and DESIGN.md's listed numbers."""
+"""The flow-match schedule against diffusers' scheduler and the numbers docs/design.md section 1
+lists."""
 import numpy as np
 import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -26,7 +27,7 @@ def test_ten_steps_match_design_numbers():
 
 @pytest.mark.parametrize("num_steps", [10, 40])
 def test_spacing_ends_at_shifted_sigma_min(num_steps):
-    sigma_min = 3 * 0.001 / (1 + 2 * 0.001)  # 0.0029940, DESIGN.md's shift(1/1000)
+    sigma_min = 3 * 0.001 / (1 + 2 * 0.001)  # 0.0029940, docs/design.md's shift(1/1000)
     sigmas, _ = flow_match_schedule(num_steps)
     assert sigmas[-2] == pytest.approx(3 * sigma_min / (1 + 2 * sigma_min), rel=1e-6)
     assert sigmas[0] == 1 and sigmas[-1] == 0

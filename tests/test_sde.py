@@ -1,4 +1,4 @@
-"""The sampler step against an independent float64 NumPy transcription of DESIGN.md section 2,
+"""The sampler step against an independent float64 NumPy transcription of docs/design.md section 2,
 and a statistical check that the samplers reproduce Gaussian data through the closed-form
 velocity."""
 import jax
@@ -14,7 +14,7 @@ SIGMA_MAX = 0.9601293  # sigmas[1] of the 10-step schedule
 
 
 def numpy_step(v, x, sigma, sigma_next, kind, a, sigma_max, eps=None, prev=None):
-    """DESIGN.md's formulas in float64; returns (next, log_prob (B,), mean, std, noise_std)."""
+    """docs/design.md's formulas in float64; returns (next, log_prob (B,), mean, std, noise_std)."""
     v, x = v.astype(np.float64), x.astype(np.float64)
     s = np.asarray(sigma, np.float64).reshape(-1, 1, 1, 1)
     s_next = np.asarray(sigma_next, np.float64).reshape(-1, 1, 1, 1)
