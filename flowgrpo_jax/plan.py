@@ -2,7 +2,8 @@
 what fits.
 
     python -m flowgrpo_jax.plan --config configs/sd35m_geneval.py --topology v5e:2x4 \
-        [--config.key=value ...] [--nosearch] [--memory_gib 14] [--json plan.json]
+        [--config.key=value ...] [--nosearch] [--memory_gib 14] [--json plan.json] \
+        [--programs "rollout,train step"]
 
 With `--topology` (a libtpu topology name: v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ...) it
 compiles for that TPU slice on any host with libtpu installed; without it, for this host's
@@ -13,8 +14,9 @@ For each program a run compiles (prompt encoding, a rollout chunk, decoding, the
 eval rollout and its decoding) it prints per chip: the arguments, the temporaries, the outputs,
 what else the run keeps on the chip meanwhile (weights, optimizer state, the epoch's rollouts),
 their total against the chip's memory, and the FLOPs XLA counts. Then it searches the largest
-`train.micro_batch_size` and `sample.batch_size` per chip that fit. It exits 1 when the config
-does not fit, naming the knobs to change.
+`train.micro_batch_size` and `sample.batch_size` per chip that fit. `--programs` picks some of
+the programs (the search then covers only theirs): at full size each compile takes minutes. It
+exits 1 when the config does not fit, naming the knobs to change.
 """
 import json
 import sys
@@ -34,6 +36,8 @@ flags.DEFINE_string("topology", None, "a TPU topology to compile for (v5e:2x4, v
 flags.DEFINE_bool("search", True, "search the largest micro batch and rollout chunk that fit")
 flags.DEFINE_float("memory_gib", None, "plan against this much memory per device (GiB) instead "
                    "of the chip's, e.g. to keep headroom")
+flags.DEFINE_list("programs", list(planner.PROGRAMS), "the programs to compile, of: "
+                  + ", ".join(planner.PROGRAMS))
 flags.DEFINE_string("json", None, "also write the plan here as JSON")
 flags.mark_flags_as_required(["config"])
 
@@ -48,7 +52,8 @@ def main(argv) -> None:
         devices = planner.tpu_devices(FLAGS.topology) if FLAGS.topology else jax.devices()
         memory = int(FLAGS.memory_gib * planner.GiB) if FLAGS.memory_gib else None
         result = planner.plan(config, devices, FLAGS.topology or devices[0].device_kind,
-                      search=FLAGS.search, memory=memory)
+                              search=FLAGS.search, memory=memory,
+                              programs=tuple(FLAGS.programs))
     except (planner.PlanError, config_lib.ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

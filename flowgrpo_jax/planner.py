@@ -324,33 +324,45 @@ class Plan:
         return all(p.fits for p in self.programs)
 
 
+# The programs of a run, in the order a run compiles them.
+PROGRAMS = ("encode", "rollout", "decode", "train step", "eval rollout", "eval decode")
+
+
 def plan(config, devices, topology: str, *, search: bool = True, memory: int | None = None,
-         log=print) -> Plan:
-    """Compiles the run's programs at the config's sizes, then (search) the largest micro batch
-    and rollout chunk per chip that fit; `memory` (bytes per device) replaces the chip's."""
+         programs: tuple = PROGRAMS, log=print) -> Plan:
+    """Compiles the run's `programs` at the config's sizes, then (search) the largest micro
+    batch per chip that fits (when the train step is planned) and the largest rollout chunk
+    (when the rollout is); `memory` (bytes per device) replaces the chip's."""
+    unknown = set(programs) - set(PROGRAMS)
+    if unknown or not programs:
+        raise PlanError(f"unknown programs {sorted(unknown)}; known: {', '.join(PROGRAMS)}")
     run = RunPlan(config, devices, log, memory)
     s, t, n = config.sample, config.train, run.devices
     log(f"{topology}: {n} devices of {run.memory / GiB:.2f} GiB; weights and train state "
         f"{run.weights / GiB:.2f} GiB per device")
     chunk, micro, eval_chunk = s.batch_size // n, t.micro_batch_size // n, s.eval_batch_size // n
-    programs = [
-        run.compile("encode", chunk, run.encode(s.batch_size)),
-        run.compile("rollout", chunk, run.rollout(s.batch_size)),
-        run.compile("decode", chunk, run.decode(s.batch_size)),
-        run.compile("train step", micro, run.train(t.micro_batch_size)),
-        run.compile("eval rollout", eval_chunk, run.rollout(s.eval_batch_size, eval_=True)),
-        run.compile("eval decode", eval_chunk, run.decode(s.eval_batch_size, eval_=True)),
-    ]
-    result = Plan(topology, n, run.memory, programs)
+    builders = {
+        "encode": (chunk, lambda: run.encode(s.batch_size)),
+        "rollout": (chunk, lambda: run.rollout(s.batch_size)),
+        "decode": (chunk, lambda: run.decode(s.batch_size)),
+        "train step": (micro, lambda: run.train(t.micro_batch_size)),
+        "eval rollout": (eval_chunk, lambda: run.rollout(s.eval_batch_size, eval_=True)),
+        "eval decode": (eval_chunk, lambda: run.decode(s.eval_batch_size, eval_=True)),
+    }
+    compiled = [run.compile(name, builders[name][0], builders[name][1]())
+                for name in PROGRAMS if name in programs]
+    result = Plan(topology, n, run.memory, compiled)
     if not search:
         return result
-    log("searching the largest micro batch per chip that fits")
-    update = config_lib.sizes(config)["update"]
-    result.largest_micro_batch_per_chip = largest_fitting(
-        _candidates(update, n), lambda m: run.compile("train step", m, run.train(m * n)), micro)
-    log("searching the largest rollout chunk per chip that fits")
-    result.largest_sample_batch_per_chip = largest_fitting(
-        _candidates(run.epoch, n), lambda c: run.sampling_phase(c * n), chunk)
+    if "train step" in programs:
+        log("searching the largest micro batch per chip that fits")
+        update = config_lib.sizes(config)["update"]
+        result.largest_micro_batch_per_chip = largest_fitting(
+            _candidates(update, n), lambda m: run.compile("train step", m, run.train(m * n)), micro)
+    if "rollout" in programs:
+        log("searching the largest rollout chunk per chip that fits")
+        result.largest_sample_batch_per_chip = largest_fitting(
+            _candidates(run.epoch, n), lambda c: run.sampling_phase(c * n), chunk)
     return result
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import planner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ def _plan_command(*args, topology="v5e:2x2"):
 def test_a_config_that_cannot_fit_is_told_what_to_change(tmp_path):
     # The toy run compiled for a v5e slice, planned against 64 MiB per chip: nothing fits.
     out = tmp_path / "plan.json"
-    result = subprocess.run(_plan_command("--nosearch", "--memory_gib=0.0625", f"--json={out}"),
+    result = subprocess.run(_plan_command("--nosearch", "--memory_gib=0.0625", f"--json={out}",
+                                          "--programs=decode,train step"),
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 1, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
@@ -68,9 +70,15 @@ def test_a_config_that_cannot_fit_is_told_what_to_change(tmp_path):
     for knob in ("train.remat=block", "mesh.fsdp=4", "train step"):
         assert knob in message, message
     saved = json.loads(out.read_text())
-    assert not saved["fits"] and {p["name"] for p in saved["programs"]} == {
-        "encode", "rollout", "decode", "train step", "eval rollout", "eval decode"}
+    assert not saved["fits"] and [p["name"] for p in saved["programs"]] == ["decode", "train step"]
     assert "compiling train step, 8 per chip" in result.stdout  # a progress line per compile
+
+
+def test_unknown_programs_are_refused_before_compiling():
+    config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py"))
+    with pytest.raises(planner.PlanError, match=r"unknown programs \['train'\]; known: encode, "
+                       r"rollout, decode, train step, eval rollout, eval decode"):
+        planner.plan(config, [], "v5e:2x2", programs=("train",))
 
 
 def test_an_unknown_topology_is_one_line():
