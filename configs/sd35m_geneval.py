@@ -10,10 +10,10 @@ little reward hacking (watch train/kl). 24 images x 48 prompts per epoch, 10 SDE
 (noise 0.7), eval with the 40-step ODE, CFG 4.5, beta 0.04, clip 1e-4, LoRA r32/alpha 64,
 lr 3e-4, 2 updates per epoch, global-std advantages, EMA.
 
-Variants: ":fast" (Flow-GRPO-Fast: CPS window of 3 steps in 0-5, noise 0.8, clip 1e-5, beta 0),
-":fast_nocfg" (the same without CFG), ":tiny" (a tiny SD3.5-style pipeline on CPU, given as
---config.model.path, 2 epochs of 16 images with the offline jpeg_compressibility reward; what
-the tests run).
+Variants: ":fast" (Flow-GRPO-Fast: CPS window of 3 steps starting in steps 0-2, noise 0.8,
+clip 1e-5, beta 0), ":fast_nocfg" (the same without CFG), ":tiny" (a tiny SD3.5-style
+pipeline on CPU, given as --config.model.path, 2 epochs of 16 images with the offline
+jpeg_compressibility reward; what the tests run).
 """
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax.families.sd3 import configs as sd3_configs

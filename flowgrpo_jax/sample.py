@@ -30,7 +30,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=4.5, help="CFG scale; <= 1 turns CFG off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", choices=KINDS, default="ode", help="the step kind")
+    parser.add_argument("--kind", choices=KINDS, default="ode", help="the step kind")
     parser.add_argument("--noise_level", type=float, default=0.7, help="for sde / cps")
     parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
     parser.add_argument("--width", type=int, default=None)
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         images = sample(pipeline, [args.prompt] * args.num_images, steps=args.steps,
-                        guidance=args.guidance, seed=args.seed, kind=args.sampler,
+                        guidance=args.guidance, seed=args.seed, kind=args.kind,
                         noise_level=args.noise_level, height=args.height, width=args.width,
                         negative_prompt=args.negative_prompt,
                         max_sequence_length=args.max_sequence_length)
