@@ -399,9 +399,13 @@ def advice(result: Plan, config) -> str:
     """What to change when a program does not fit, in config keys."""
     n, tips = result.devices, []
     failing = {p.name for p in result.programs if not p.fits}
+    per_chip = {p.name: p.per_chip for p in result.programs}
     if "train step" in failing:
         if result.largest_micro_batch_per_chip:
             tips.append(f"--config.train.micro_batch_size={result.largest_micro_batch_per_chip * n}")
+        elif per_chip["train step"] > 1:
+            tips.append(f"a smaller --config.train.micro_batch_size, e.g. "
+                        f"{per_chip['train step'] // 2 * n} (the search finds the largest)")
         if config.train.remat != "block":
             tips.append("--config.train.remat=block")
     if failing & {"encode", "rollout", "decode"} and result.largest_sample_batch_per_chip:
@@ -412,5 +416,6 @@ def advice(result: Plan, config) -> str:
         tips.append("--config.model.attention=auto")
     if config.mesh.fsdp < n:
         tips.append(f"--config.mesh.fsdp={n} (shards the model's weights and optimizer state)")
+    tips = tips or ["more chips, or chips with more memory"]
     return (f"does not fit: {', '.join(sorted(failing))} over {result.chip_memory / GiB:.2f} GiB "
             f"per chip; try " + ", ".join(tips))

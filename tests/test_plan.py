@@ -103,3 +103,16 @@ def test_sd35m_lora_fits_a_v5e_8_slice_at_the_shipped_sizes(tmp_path):
     programs = {p["name"]: p for p in json.loads(out.read_text())["programs"]}
     assert programs["train step"]["fits"] and programs["train step"]["per_chip"] >= 2
     assert programs["rollout"]["fits"] and programs["rollout"]["per_chip"] >= 8
+
+
+def test_advice_names_a_smaller_micro_batch_when_fsdp_and_remat_are_already_set():
+    # What the planner says of full fine-tuning on v5e:2x4 at 4 images per chip (16.44 GiB).
+    config = config_lib.load_file(str(ROOT / "configs" / "sd35m_geneval.py"))
+    config.lora.enabled, config.mesh.fsdp = False, 8
+    failed = planner.Compiled("train step", 4, False, error="compiler: HLO temporaries need 16.44G")
+    result = planner.Plan("v5e:2x4", 8, int(15.75 * planner.GiB), [failed])
+    assert planner.advice(result, config) == (
+        "does not fit: train step over 15.75 GiB per chip; try a smaller "
+        "--config.train.micro_batch_size, e.g. 16 (the search finds the largest)")
+    result.programs = [planner.Compiled("train step", 1, False)]
+    assert planner.advice(result, config).endswith("try more chips, or chips with more memory")
