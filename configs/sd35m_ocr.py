@@ -8,9 +8,9 @@ Prompts are a text file, one per line, the text to render between double quotes.
 server runs `ocr` (rapidocr-onnxruntime, offline). Should reach: OCR accuracy 0.59 (base) ->
 0.92 (paper). Hyperparameters as sd35m_geneval (beta 0.04).
 
-Variants: ":fast", ":fast_nocfg", ":tiny" (a tiny SD3.5-style pipeline on CPU, given as
---config.model.path; the reward is jpeg_compressibility, an offline stand-in: a tiny random
-model draws no text).
+Variants (flowgrpo_jax/families/sd3/configs.py): ":fast", ":fast_nocfg", ":full" (full
+fine-tuning, FSDP), ":tiny" (a tiny SD3.5-style pipeline on CPU, given as --config.model.path;
+the reward is jpeg_compressibility, an offline stand-in: a tiny random model draws no text).
 """
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax.families.sd3 import configs as sd3_configs
@@ -26,10 +26,4 @@ def get_config(variant: str = ""):
     config.train.beta = 0.04
     config.eval_every, config.save_every = 60, 60
     config.num_epochs = 10000
-    if variant == "tiny":
-        return sd3_configs.tiny(config, rewards="jpeg_compressibility:1.0")
-    if variant in ("fast", "fast_nocfg"):
-        return config_lib.fast(config, cfg=variant == "fast")
-    if variant:
-        raise ValueError(f"unknown variant {variant!r} of sd35m_ocr; known: fast, fast_nocfg, tiny")
-    return config
+    return sd3_configs.variant(config, variant, tiny_rewards="jpeg_compressibility:1.0")

@@ -10,9 +10,10 @@ Should reach: PickScore clearly above the base model's (the paper reports it up,
 quality kept by the KL; beta 0.01, lower than GenEval/OCR's 0.04). Our reward is the
 PickScore logit divided by 26 (docs/rewards.md).
 
-Variants: ":fast", ":fast_nocfg", ":tiny" (a tiny SD3.5-style pipeline on CPU, given as
---config.model.path; reward brightness, a learnable offline stand-in for a CLIP preference
-model; the pickscore options stay in the config and are not used).
+Variants (flowgrpo_jax/families/sd3/configs.py): ":fast", ":fast_nocfg", ":full" (full
+fine-tuning, FSDP), ":tiny" (a tiny SD3.5-style pipeline on CPU, given as --config.model.path;
+reward brightness, a learnable offline stand-in for a CLIP preference model; the pickscore
+options stay in the config and are not used).
 """
 import ml_collections
 
@@ -31,10 +32,4 @@ def get_config(variant: str = ""):
     config.train.beta = 0.01
     config.eval_every, config.save_every = 60, 60
     config.num_epochs = 10000
-    if variant == "tiny":
-        return sd3_configs.tiny(config, rewards="brightness:1.0")
-    if variant in ("fast", "fast_nocfg"):
-        return config_lib.fast(config, cfg=variant == "fast")
-    if variant:
-        raise ValueError(f"unknown variant {variant!r} of sd35m_pickscore; known: fast, fast_nocfg, tiny")
-    return config
+    return sd3_configs.variant(config, variant, tiny_rewards="brightness:1.0")
