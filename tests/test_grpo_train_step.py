@@ -183,6 +183,29 @@ def test_full_fine_tuning_with_a_frozen_reference_copy():
     assert unchanged == ["['transformer_blocks'][0]['attn']['add_q_proj']['bias'].value"]
 
 
+def test_a_nan_batch_is_skipped_and_counted_and_the_next_update_proceeds():
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    _run_steps(mesh, num_updates=0)  # compiles (or reuses) the default config's step
+    velocity, _, frozen = _model()
+    lora, batch, uncond = _data()
+    config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
+    step = _STEPS[(config, "none", mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))]
+    state = ts.create_train_state(lora, ts.make_optimizer(), mesh)
+    initial = jax.device_get(state)  # the step donates `state`
+    frozen = jax.device_put(frozen, parallel.state_shardings(frozen, mesh))
+    # one NaN advantage: sample 3 lies in the second of the two micro batches of 8
+    poisoned = batch._replace(advantages=batch.advantages.at[3].set(jnp.nan))
+    state, metrics = step(state, frozen, None, parallel.shard_batch(poisoned, mesh), uncond)
+    assert float(metrics["skipped_nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    state = jax.device_get(state)
+    assert int(state.step) == 0
+    assert _max_abs_diff(state, initial) == 0.0  # params, optimizer state and EMA unchanged
+    state, metrics = step(state, frozen, None, parallel.shard_batch(batch, mesh), uncond)
+    assert float(metrics["skipped_nonfinite"]) == 0.0 and int(state.step) == 1
+    once, _ = _run_steps(mesh, num_updates=1)  # one update with no NaN batch before it
+    assert _max_abs_diff(state, once) == 0.0
+
+
 def test_bad_batch_layout_is_named():
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="micro_batch_size"):

@@ -4,7 +4,9 @@ The update rescores the rollout's stored transitions with the current policy (th
 `score_step` the rollout used, CFG with gradients through both branches), builds the GRPO loss
 of `loss.py` per (micro-batch, timestep), averages the gradients over all of them with an
 explicit `lax.scan` (what the reference's gradient accumulation computes, exactly), clips them
-to a global norm, applies AdamW and updates an EMA of the trained params.
+to a global norm, applies AdamW and updates an EMA of the trained params. An update whose loss
+or gradient norm is not finite is skipped (the state returned unchanged) and counted in the
+metric "skipped_nonfinite" (1.0 for a skipped update, else 0.0).
 
 Parameters enter as two NNX states: `trainable` (what the optimizer updates) and `frozen`
 (the rest). The velocity model is `velocity_fn((trainable, frozen), x, t, text)`
@@ -217,6 +219,12 @@ def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformati
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["ema_decay"] = decay
         new_state = TrainState(state.step + 1, params, opt_state, ema_params)
+        # A non-finite loss or gradient norm (NaN anywhere in the gradients makes the norm NaN)
+        # skips the update: the whole state, step count included, stays as it was. A select
+        # per leaf keeps this one program on any mesh; a finite update passes through exactly.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics["skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
         return new_state, metrics
 
     state_sh = parallel.state_shardings(state, mesh, rules)
