@@ -11,11 +11,13 @@ accumulating gradients over micro-batches of `train.micro_batch_size` images. An
 works as long as it divides the chunk and micro-batch sizes.
 """
 import importlib.util
+import math
 import os
 
 import ml_collections
 
 from flowgrpo_jax import families
+from flowgrpo_jax.convert import hub
 from flowgrpo_jax.remat import POLICIES as REMAT_POLICIES
 from flowgrpo_jax.sampling.sde import KINDS
 
@@ -46,6 +48,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.rank = 32
     c.lora.alpha = 64.0
     c.lora.targets = ()  # regexes on dotted module paths; () = the family's own
+    # A PyTorch LoRA to start from: a PEFT adapter folder, a diffusers LoRA file (or its
+    # folder), or a Hub id in the local cache; its targets, rank and shapes must fit (lora_io.py).
+    c.lora.init_from = ""
 
     c.prompts = ml_collections.ConfigDict()
     c.prompts.format = "geneval"  # "geneval": JSON lines with metadata; "text": one prompt a line
@@ -86,6 +91,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.drop_zero_std_groups = False
     c.train.ema = True  # evaluate and export the EMA of the trained params
     c.train.ema_max_decay = 0.9
+    # An update whose loss or gradient norm is not finite is skipped (params, optimizer state
+    # and EMA unchanged); this many skipped in a row stop the run with an error.
+    c.train.max_nonfinite_updates = 3
     # Per-block rematerialisation of the velocity network in the backward pass: "none",
     # "block" (least memory) or "block_save_dots" (flowgrpo_jax/remat.py). SD3.5-M needs "block" to
     # train a micro batch of 2+ images per 16 GB chip (README, "Memory").
@@ -142,6 +150,44 @@ def _positive(config, *keys):
             _fail(key, value, "must be > 0")
 
 
+# Float keys where inf means "no limit"; NaN is refused everywhere, inf in every other key.
+_INF_ALLOWED = ("train.max_grad_norm", "train.adv_clip_max")
+
+
+def _check_finite(config, prefix=""):
+    """No float key holds NaN, and only the keys of _INF_ALLOWED hold inf."""
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if name in ("model", "reward.options"):
+            continue
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_finite(value, name + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            if math.isnan(value) or name not in _INF_ALLOWED:
+                _fail(name, value, "must be a finite number")
+
+
+def _check_mesh(mesh, num_devices: int) -> None:
+    """The mesh's data x fsdp must use the devices exactly (what parallel.make_mesh needs)."""
+    data, fsdp = mesh.data, mesh.fsdp
+    if data == -1 and fsdp == -1:
+        _fail("mesh", mesh.to_dict(), "only one of mesh.data / mesh.fsdp may be -1")
+    if data == -1 or fsdp == -1:
+        key, size, other = ("mesh.fsdp", fsdp, "mesh.data") if data == -1 else (
+            "mesh.data", data, "mesh.fsdp")
+        if num_devices % size:
+            _fail(key, size, f"must divide the {num_devices} device(s) ({other}=-1 takes the "
+                             f"devices left); e.g. one of {_divisors(num_devices)}")
+    elif data * fsdp != num_devices:
+        _fail("mesh", mesh.to_dict(), f"data x fsdp = {data * fsdp} must equal the "
+                                      f"{num_devices} device(s); set one axis to -1 for the rest")
+
+
+def _divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0][:8]
+
+
 def _get(config, key):
     for part in key.split("."):
         config = config[part]
@@ -152,6 +198,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     """Raises ConfigError naming the first key whose value cannot be used on `num_devices`
     devices (global) in `num_processes` processes."""
     _check_known_keys(config, defaults())
+    _check_finite(config)
     s, t = config.sample, config.train
     if config.model.get("family") not in families.FAMILIES:
         _fail("model.family", config.model.get("family"),
@@ -168,11 +215,18 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
               "sample.eval_batch_size", "train.learning_rate", "train.updates_per_epoch",
               "train.micro_batch_size", "train.clip_range", "train.timestep_fraction",
               "train.adv_clip_max", "train.max_grad_norm", "lora.rank", "lora.alpha",
-              "logging.num_images")
-    for key in ("num_epochs", "eval_every", "save_every", "log_every", "sample.num_eval_prompts",
+              "logging.num_images", "train.max_nonfinite_updates")
+    # The loop takes `epoch % save_every` and `epoch % log_every`; eval_every = 0 means never.
+    for key, what in (("save_every", "epochs between checkpoints (one is also written at the end)"),
+                      ("log_every", "epochs between image grids")):
+        if _get(config, key) < 1:
+            _fail(key, _get(config, key), f"must be >= 1: {what}")
+    for key in ("num_epochs", "eval_every", "sample.num_eval_prompts",
                 "train.beta", "train.weight_decay", "seed"):
         if _get(config, key) < 0:
             _fail(key, _get(config, key), "must be >= 0")
+    if config.lora.init_from:
+        _check_init_from(config.lora)
     if s.group_size < 2:
         _fail("sample.group_size", s.group_size, "needs >= 2 images per prompt to compare them")
     if s.kind == "cps" and not s.noise_level < 1:
@@ -200,7 +254,21 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         _fail("train.timestep_fraction", t.timestep_fraction, f"trains no step of {steps}")
     if config.mesh.data != -1 and config.mesh.data < 1 or config.mesh.fsdp != -1 and config.mesh.fsdp < 1:
         _fail("mesh", config.mesh.to_dict(), "axis sizes must be >= 1, or -1 for the rest")
+    _check_mesh(config.mesh, num_devices)
     _check_batch_sizes(config, num_devices, num_processes)
+
+
+def _check_init_from(lora) -> None:
+    if not lora.enabled:
+        _fail("lora.init_from", lora.init_from, "needs lora.enabled=True (it is a LoRA adapter)")
+    try:
+        found = os.path.exists(hub.local_path(lora.init_from))
+    except hub.NotCachedError as e:
+        _fail("lora.init_from", lora.init_from, str(e))
+    if not found:
+        _fail("lora.init_from", lora.init_from, "no such file or folder (a PEFT adapter folder, "
+                                                "a diffusers LoRA .safetensors file or a Hub id "
+                                                "in the local cache)")
 
 
 def _check_batch_sizes(config, num_devices: int, num_processes: int) -> None:

@@ -36,14 +36,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
     count = len(devices)
     if data == -1 and fsdp == -1:
         raise ValueError("only one of mesh data / fsdp may be -1")
+    # the sizes as given, -1 included, for the error below (not the 0 a misfit -1 becomes)
+    asked = f"data={data} fsdp={fsdp}"
+    rest = "" if -1 not in (data, fsdp) else (
+        f" (-1 takes the devices left, so {'fsdp' if data == -1 else 'data'} must divide {count})")
     if data == -1:
         data = count // fsdp if fsdp > 0 and count % fsdp == 0 else 0
     elif fsdp == -1:
         fsdp = count // data if data > 0 and count % data == 0 else 0
     if data < 1 or fsdp < 1 or data * fsdp != count:
-        raise ValueError(
-            f"mesh data x fsdp must use all {count} devices exactly, got data={data} fsdp={fsdp}"
-        )
+        raise ValueError(f"mesh data x fsdp must use all {count} devices exactly, got {asked}{rest}")
     device_grid = np.asarray(devices).reshape(data, fsdp)
     return jax.sharding.Mesh(device_grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
 

@@ -55,6 +55,9 @@ def test_make_mesh_errors_name_the_problem():
         parallel.make_mesh(data=2)
     with pytest.raises(ValueError, match="only one of"):
         parallel.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match=r"got data=-1 fsdp=2 \(-1 takes the devices left, so "
+                                         r"fsdp must divide 1\)"):
+        parallel.make_mesh(data=-1, fsdp=2)  # the size asked for, not data=0
     mesh = parallel.make_mesh()
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
 
