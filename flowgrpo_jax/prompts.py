@@ -6,11 +6,17 @@ Two file formats:
   prompt's metadata, passed to the reward server with its images.
 - "text": one prompt per line (OCR, PickScore prompt sets); blank lines are skipped and the
   metadata is {}.
+A file that cannot be read, holds no prompts or has a malformed line raises PromptFileError
+naming the file (and line).
 """
 import dataclasses
 import json
 
 import numpy as np
+
+
+class PromptFileError(ValueError):
+    """A prompt file is missing, empty or malformed; the message names the file and line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +37,13 @@ class PromptSet:
 
 
 def load_prompts(path: str, format: str) -> PromptSet:
-    with open(path) as f:
-        lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptFileError(f"prompt file {path} cannot be read: {e}") from None
     if not lines:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise PromptFileError(f"prompt file {path} holds no prompts")
     if format == "text":
         return PromptSet(tuple(line for _, line in lines), tuple({} for _ in lines))
     if format != "geneval":
@@ -44,9 +53,14 @@ def load_prompts(path: str, format: str) -> PromptSet:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not JSON: {e}") from None
+            raise PromptFileError(f"{path}:{number} is not JSON: {e}") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise ValueError(f"{path}:{number} has no string 'prompt' field")
+            raise PromptFileError(f"{path}:{number} has no string 'prompt' field")
+        for field in ("include", "exclude"):  # the checker's clauses: a list of objects
+            clauses = entry.get(field, [])
+            if not isinstance(clauses, list) or not all(isinstance(c, dict) for c in clauses):
+                raise PromptFileError(f"{path}:{number}: '{field}' must be a list of objects, "
+                                      f"got {json.dumps(clauses)[:80]}")
         metadata.append(entry)
     return PromptSet(tuple(m["prompt"] for m in metadata), tuple(metadata))
 

@@ -64,6 +64,7 @@ def test_grammar_has_every_combination_once():
     ({"include": [{"class": "circle", "count": 1, "size": 3}]}, "unknown keys"),
     ({"include": [{"class": "circle", "count": 1, "position": ["left of", 0]}]}, "earlier include"),
     ({"exclude": [{"class": "circle", "count": 2, "color": "red"}]}, "only give class and count"),
+    ({"exclude": 5}, "'exclude' must be a list, got 5"),
     ({"prompt": None}, "'prompt' must be a string"),
 ])
 def test_bad_metadata_is_named(change, message):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from flowgrpo_jax.logging_utils import MetricWriter, image_grid
-from flowgrpo_jax.prompts import epoch_prompt_indices, load_prompts
+from flowgrpo_jax.prompts import PromptFileError, epoch_prompt_indices, load_prompts
 from flowgrpo_jax.train import update_order
 
 
@@ -33,8 +33,19 @@ def test_bad_prompt_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not JSON"):
         load_prompts(str(bad), "geneval")
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(ValueError, match="holds no prompts"):
+    with pytest.raises(PromptFileError, match="holds no prompts"):
         load_prompts(str(tmp_path / "empty.txt"), "text")
+    with pytest.raises(PromptFileError, match=r"prompt file .*missing.jsonl cannot be read"):
+        load_prompts(str(tmp_path / "missing.jsonl"), "geneval")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe prompt\n")
+    with pytest.raises(PromptFileError, match=r"binary.txt cannot be read"):
+        load_prompts(str(tmp_path / "binary.txt"), "text")
+    for field, value in (("exclude", 5), ("include", {"class": "circle"}), ("exclude", [3])):
+        bad.write_text(json.dumps({"prompt": "ok"}) + "\n" +
+                       json.dumps({"prompt": "two circles", field: value}) + "\n")
+        with pytest.raises(PromptFileError, match=rf"bad.jsonl:2: '{field}' must be a list of "
+                                                  rf"objects, got "):
+            load_prompts(str(bad), "geneval")
 
 
 def test_epoch_prompts_depend_on_seed_and_epoch_only():

@@ -55,6 +55,10 @@ class RewardServerError(RuntimeError):
     """The server answered, but refused the batch or failed to score it; not retried."""
 
 
+class RewardServerUnreachable(RuntimeError):
+    """No server answers at the client's URL when the client starts."""
+
+
 class RewardClient:
     def __init__(self, rewards=None, *, url: str | None = None, options: dict | None = None,
                  plugins=(), max_failures: int = 3, request_timeout: float = 600.0,
@@ -106,7 +110,8 @@ class RewardClient:
             self._max_request_bytes = self.health()["max_request_bytes"]
         except _RETRYABLE as e:
             self.close()
-            raise RuntimeError(f"cannot reach the reward server at {self._url}: {e}") from e
+            raise RewardServerUnreachable(
+                f"cannot reach the reward server at {self._url}: {e}") from e
         except BaseException:  # e.g. a 401: the server is there but refuses us
             self.close()
             raise

@@ -124,7 +124,10 @@ def validate_metadata(metadata: dict) -> None:
                     or not 0 <= position[1] < i):
                 raise ValueError(f"{where} position {position!r} must be [relation in {RELATIONS},"
                                  f" index of an earlier include clause]")
-    for i, clause in enumerate(metadata.get("exclude", [])):
+    exclude = metadata.get("exclude", [])
+    if not isinstance(exclude, list):
+        raise ValueError(f"metadata 'exclude' must be a list, got {exclude!r}")
+    for i, clause in enumerate(exclude):
         _check_clause(clause, f"exclude[{i}]", MAX_COUNT + 1)
         if "color" in clause or "position" in clause:
             raise ValueError(f"exclude[{i}] may only give class and count, got {sorted(clause)}")
