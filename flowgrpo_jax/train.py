@@ -18,8 +18,13 @@ the device count and a resumed run repeats exactly what the uninterrupted one do
 
 Checkpoints (orbax) are written every `save_every` epochs, at the end, and when SIGTERM
 arrives (the handler sets a flag; the loop saves at its next safe point and exits). A restart
-with the same workdir resumes from the latest checkpoint; one with another config refuses
-unless --allow_config_change.
+with the same workdir resumes from the latest intact checkpoint (a damaged newer one is moved
+aside, checkpoint.py); one with another config refuses unless --allow_config_change.
+
+An update with a non-finite loss or gradient norm changes nothing (the train step skips it);
+`train.max_nonfinite_updates` skipped in a row stop the run with NonFiniteUpdatesError and
+nothing saved after them. Errors of the command line, the config, the workdir, the prompt files,
+the reward server's address and the checkpoints end the command with one line, no traceback.
 
 From Python: `with Trainer(config, workdir, on_metrics=...) as trainer: trainer.run()`, or
 `train(config, workdir)`, which also returns every logged metrics dict.
@@ -27,6 +32,7 @@ From Python: `with Trainer(config, workdir, on_metrics=...) as trainer: trainer.
 import dataclasses
 import functools
 import os
+import re
 import signal
 import sys
 import time
@@ -49,8 +55,8 @@ from flowgrpo_jax.grpo.advantages import PerPromptStatTracker
 from flowgrpo_jax.logging_utils import MetricWriter
 from flowgrpo_jax.programs import (build_programs, build_trainable_model, optimizer_for_config,
                                    step_config)
-from flowgrpo_jax.prompts import epoch_prompt_indices, load_prompts
-from flowgrpo_jax.rewards.client import RewardClient
+from flowgrpo_jax.prompts import PromptFileError, epoch_prompt_indices, load_prompts
+from flowgrpo_jax.rewards.client import RewardClient, RewardServerUnreachable
 from flowgrpo_jax.rewards.registry import options_in_use, parse_weights
 from flowgrpo_jax.sampling.rollout import Window
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
@@ -58,6 +64,10 @@ from flowgrpo_jax.sampling.schedule import flow_match_schedule
 # Streams folded into an epoch's key; the eval stream is fixed so evals are comparable.
 _NOISE, _ROLLOUT, _SHUFFLE = 0, 1, 2
 _EVAL = 2**31 - 1
+
+
+class NonFiniteUpdatesError(RuntimeError):
+    """train.max_nonfinite_updates updates in a row had a non-finite loss or gradient norm."""
 
 
 class StopFlag:
@@ -138,6 +148,10 @@ class Trainer:
         self.workdir = workdir
         self.on_metrics = on_metrics
         self.is_main = jax.process_index() == 0
+        # Before the workdir and the model: a bad prompt file stops the run at once.
+        self.train_prompts = load_prompts(config.prompts.train_file, config.prompts.format)
+        test_file = config.prompts.test_file or config.prompts.train_file
+        self.test_prompts = load_prompts(test_file, config.prompts.format)
         self._check_workdir(allow_config_change)
         self.sizes = config_lib.sizes(config)
         s, t = config.sample, config.train
@@ -171,9 +185,6 @@ class Trainer:
         self._take = jax.jit(lambda data, idx: jax.tree.map(lambda a: a[idx], data),
                              out_shardings=batch_sh)
 
-        self.train_prompts = load_prompts(config.prompts.train_file, config.prompts.format)
-        test_file = config.prompts.test_file or config.prompts.train_file
-        self.test_prompts = load_prompts(test_file, config.prompts.format)
         self.tracker = PerPromptStatTracker(global_std=t.global_std, clip_max=t.adv_clip_max)
         self.checkpointer = ckpt.TrainCheckpointer(workdir)
         self.writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main,
@@ -182,6 +193,7 @@ class Trainer:
                                    run_config=config.to_dict())
         self.base_key = jax.random.key(config.seed)
         self.epoch = 0
+        self.nonfinite_streak = 0  # updates skipped in a row for a non-finite loss or gradient
         self.rewards = reward_client(config, self.family)  # last: a failure above starts none
 
     def close(self) -> None:
@@ -201,19 +213,25 @@ class Trainer:
         if self.is_main:
             try:
                 ckpt.check_workdir_config(self.workdir, self.config.to_dict(), allow_change)
-            except ckpt.ConfigMismatchError as e:
+            except ckpt.WorkdirError as e:
                 error = e
         if parallel.any_process(error is not None):
-            raise error or ckpt.ConfigMismatchError(
-                f"{self.workdir} was started with a different config (see process 0)")
+            raise error or ckpt.WorkdirError(
+                f"{self.workdir}: its recorded config refused this run (see process 0)")
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def restore(self) -> None:
-        step = self.checkpointer.latest_step()
-        if step is None:
+        """Resumes from the newest intact checkpoint; one line per damaged newer one."""
+        restored = self.checkpointer.restore_latest(self.state)
+        if restored is None:
             return
-        self.state, host = self.checkpointer.restore(step, self.state)
+        step, self.state, host, damaged = restored
+        if self.is_main:
+            for bad, problem, moved_to in damaged:
+                print(f"warning: checkpoint {bad} in {self.checkpointer.directory} is damaged "
+                      f"({problem}); moved to {moved_to}, resuming from checkpoint {step}",
+                      file=sys.stderr, flush=True)
         self.epoch = host["epoch"]
         self.tracker.load_state_dict(host["tracker"])
         if self.is_main:
@@ -331,15 +349,41 @@ class Trainer:
                 self.state, m = self.programs.train_step(self.state, self.frozen, self.reference,
                                                           batch, self.uncond)
                 step_metrics.append(m)
-            for name, value in jax.device_get(step_metrics[0]).items():
-                metrics[f"train/{name}"] = np.mean([float(m[name]) for m in jax.device_get(step_metrics)])
+            step_metrics = jax.device_get(step_metrics)
+            for name in step_metrics[0]:
+                metrics[f"train/{name}"] = np.mean([float(m[name]) for m in step_metrics])
+            # the updates the train step skipped for a non-finite loss or gradient norm
+            metrics["train/skipped_nonfinite"] = sum(float(m["skipped_nonfinite"])
+                                                     for m in step_metrics)
+            diverged = self._count_nonfinite(step_metrics)
         metrics["train/skipped"] = float(order is None)
         metrics["time/sample_s"] = sample_seconds
         metrics["time/reward_wait_s"] = reward_wait
         metrics["time/train_s"] = time.perf_counter() - train_started
         metrics["time/epoch_s"] = time.perf_counter() - started
+        if order is not None and diverged:
+            self._log(metrics)
+            latest = self.checkpointer.latest_step()
+            kept = "no checkpoint was written" if latest is None else (
+                f"checkpoint {latest} is the newest")
+            raise NonFiniteUpdatesError(
+                f"training stopped in epoch {self.epoch}: {self.nonfinite_streak} updates in a "
+                f"row had a non-finite loss or gradient norm (the last: loss="
+                f"{float(diverged['loss']):.4g}, grad_norm={float(diverged['grad_norm']):.4g}; "
+                f"train.max_nonfinite_updates={t.max_nonfinite_updates}); each was skipped, "
+                f"nothing is saved after them ({kept}); try a lower train.learning_rate")
         self.epoch += 1
         return metrics
+
+    def _count_nonfinite(self, step_metrics) -> dict | None:
+        """Counts skipped updates in a row, across epochs; the last skipped update's metrics
+        once the count reaches train.max_nonfinite_updates, else None."""
+        reached = None
+        for m in step_metrics:
+            self.nonfinite_streak = self.nonfinite_streak + 1 if m["skipped_nonfinite"] else 0
+            if self.nonfinite_streak >= self.config.train.max_nonfinite_updates:
+                reached = m
+        return reached
 
     # ---- evaluation -----------------------------------------------------------------------------
 
@@ -390,20 +434,22 @@ class Trainer:
         c = self.config
         bar = tqdm(total=c.num_epochs, initial=self.epoch, desc="epochs", disable=not self.is_main)
         stopped = False  # decided together by all processes, so they take the same path
-        while self.epoch < c.num_epochs and not stopped:
-            if c.eval_every and self.epoch % c.eval_every == 0:
-                self._log(self.evaluate())
-            metrics = self.train_epoch(stop)
-            if metrics is None:
-                stopped = True
-                break
-            self._log(metrics, step=self.epoch - 1)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
-            stopped = parallel.any_process(stop.requested)
-            if stopped or self.epoch % c.save_every == 0:
-                self.save()
-        bar.close()
+        try:  # the bar ends its line even when an error ends the run, whose line comes next
+            while self.epoch < c.num_epochs and not stopped:
+                if c.eval_every and self.epoch % c.eval_every == 0:
+                    self._log(self.evaluate())
+                metrics = self.train_epoch(stop)
+                if metrics is None:
+                    stopped = True
+                    break
+                self._log(metrics, step=self.epoch - 1)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
+                stopped = parallel.any_process(stop.requested)
+                if stopped or self.epoch % c.save_every == 0:
+                    self.save()
+        finally:
+            bar.close()
         if stopped:
             self.save()
             if self.is_main:
@@ -424,7 +470,8 @@ class Trainer:
         if self.is_main:
             shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()
                              if k.startswith(("reward/total", "eval/", "train/loss", "train/kl",
-                                              "train/approx_kl", "train/clipfrac", "time/epoch")))
+                                              "train/approx_kl", "train/clipfrac",
+                                              "train/skipped_nonfinite", "time/epoch")))
             tqdm.write(f"epoch {step}: {shown}")
 
 
@@ -464,6 +511,41 @@ def _init_distributed() -> None:
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
 
 
+# Errors of the run's inputs (exit 2) and of the run itself (exit 1), each reported in one
+# line: the message names the key, file or address at fault.
+_INPUT_ERRORS = (config_lib.ConfigError, ckpt.WorkdirError, PromptFileError)
+_RUN_ERRORS = (RewardServerUnreachable, ckpt.CheckpointError, NonFiniteUpdatesError)
+
+
+def _fail(error: Exception, code: int):
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a --config.KEY=... naming no key of the config file reported in
+    one line (ml_collections raises an AttributeError with a traceback for it)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError(message))
+            e = e.args[0]
+        text = str(e)
+        missing = re.search(r"'([^'\\]+)'", text)
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        for arg in argv[1:]:
+            path = arg.partition("=")[0].removeprefix("--config.")
+            parts = path.split(".")
+            if arg.startswith("--config.") and missing and missing.group(1) in parts:
+                key = ".".join(parts[:parts.index(missing.group(1)) + 1])
+                print(f"error: {arg}: config.{key} is not a known config key"
+                      + (f" (did you mean {hint.group(1)}?)" if hint else ""), file=sys.stderr)
+                sys.exit(2)
+        print(f"error: cannot apply the --config overrides: {' '.join(text.split())}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -472,12 +554,21 @@ def main(argv) -> None:
     _init_distributed()
     try:
         trainer = Trainer(_CONFIG.value, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
-    except (config_lib.ConfigError, ckpt.ConfigMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except _INPUT_ERRORS as e:
+        _fail(e, 2)
+    except _RUN_ERRORS as e:
+        _fail(e, 1)
     with trainer:
-        trainer.run()
+        try:
+            trainer.run()
+        except _RUN_ERRORS as e:
+            _fail(e, 1)
+
+
+def cli() -> None:
+    """The command line: `python -m flowgrpo_jax.train ...` (sys.argv)."""
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli()

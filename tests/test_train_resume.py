@@ -1,6 +1,8 @@
 """Stopping and resuming the real trainer: SIGTERM saves at the next safe point and a resumed
 run ends with the same params as an uninterrupted one; after kill -9 a restart resumes from
-the last complete checkpoint and also ends with those params."""
+the last complete checkpoint and also ends with those params; a damaged latest checkpoint is
+set aside and the run resumes from the one before, to the same params again."""
+import shutil
 import signal
 import subprocess
 import time
@@ -20,10 +22,15 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(model, tmp_path_factory):
+def uninterrupted_run(model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     run_train(workdir, model, *SETTINGS)
-    return checkpoint_params(workdir, EPOCHS)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return checkpoint_params(uninterrupted_run, EPOCHS)
 
 
 def _start_and_wait_for_checkpoint(workdir, model, step: int, log_path):
@@ -68,4 +75,30 @@ def test_kill_9_then_restart_resumes_from_the_last_checkpoint(model, uninterrupt
     assert f"resumed from the checkpoint of epoch {last}" in resumed.stdout + resumed.stderr
     diff = max_abs_diff(checkpoint_params(workdir, EPOCHS), uninterrupted)
     print(f"killed after checkpoint {last}; max |params - uninterrupted| = {diff:.3g}")
+    assert diff == 0.0
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(model, uninterrupted_run,
+                                                                 uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, workdir)
+    # One flipped bit in the last checkpoint's array data, which orbax alone restores silently.
+    arrays = workdir / "checkpoints" / str(EPOCHS) / "state" / "ocdbt.process_0" / "d"
+    data_file = max(arrays.iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    data_file.write_bytes(bytes(data))
+
+    resumed = run_train(workdir, model, *SETTINGS)
+    output = resumed.stdout + resumed.stderr
+    warnings = [line for line in output.splitlines() if line.startswith("warning: checkpoint")]
+    assert len(warnings) == 1, output[-3000:]
+    assert warnings[0].startswith(f"warning: checkpoint {EPOCHS} in {workdir / 'checkpoints'} is "
+                                  f"damaged (state/ocdbt.process_0/d/{data_file.name}: contents "
+                                  f"differ from when saved"), warnings[0]
+    assert warnings[0].endswith(f"resuming from checkpoint {EPOCHS - 1}")
+    assert f"resumed from the checkpoint of epoch {EPOCHS - 1}" in output
+    assert (workdir / "checkpoints_damaged" / str(EPOCHS) / "state").is_dir()
+    diff = max_abs_diff(checkpoint_params(workdir, EPOCHS), uninterrupted)
+    print(f"resumed past a damaged checkpoint; max |params - uninterrupted| = {diff:.3g}")
     assert diff == 0.0

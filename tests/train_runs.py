@@ -56,17 +56,21 @@ def checkpoint_steps(workdir) -> list:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
-def checkpoint_params(workdir, step: int) -> dict:
-    """{path: array} of the trained params saved at `step`."""
+def checkpoint_state(workdir, step: int) -> dict:
+    """The TrainState saved at `step`, as a dict of numpy arrays."""
     path = pathlib.Path(workdir).resolve() / "checkpoints" / str(step) / "state"
     checkpointer = ocp.StandardCheckpointer()
     # onto this process's first device, whatever mesh the run saved from
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           checkpointer.metadata(path).item_metadata.tree)
-    state = checkpointer.restore(path, target)
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+    return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
+def checkpoint_params(workdir, step: int) -> dict:
+    """{path: array} of the trained params saved at `step`."""
+    return {jax.tree_util.keystr(k): v for k, v in
+            jax.tree_util.tree_leaves_with_path(checkpoint_state(workdir, step)["params"])}
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
