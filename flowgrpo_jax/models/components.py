@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
+from flowgrpo_jax.convert import hub
 from flowgrpo_jax.convert.store import load_params, read_component_info
 
 
@@ -75,7 +76,9 @@ def component_by_kind(kind: str) -> Component:
 
 
 def resolve_component_dir(path: str, subfolder: str) -> str:
-    """A converted component folder, or a converted pipeline folder holding `subfolder`."""
+    """A converted component folder, or a converted pipeline folder holding `subfolder`; `path`
+    may be a Hugging Face Hub id in the local cache (convert/hub.py)."""
+    path = hub.local_path(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory")
     if os.path.exists(os.path.join(path, "model_index.json")):

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 
+from flowgrpo_jax.convert import hub
 from flowgrpo_jax.convert.core import ConversionError, lazy_convert, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.models.components import component_for_class, source_class_name
@@ -77,6 +78,9 @@ def convert_pipeline(src: str, dst: str, dtype=None, log=print) -> list[str]:
 
 
 def convert_folder(src: str, dst: str, dtype=None, log=print) -> list[str]:
+    """Converts a pipeline or component folder; `src` may be a Hugging Face Hub model id
+    ("owner/name[@revision]") downloaded into the local cache (convert/hub.py)."""
+    src = hub.local_path(src)
     if os.path.exists(os.path.join(src, "model_index.json")):
         return convert_pipeline(src, dst, dtype, log)
     if os.path.exists(os.path.join(src, "config.json")):

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
+from flowgrpo_jax.convert import hub
 from flowgrpo_jax.models.components import component_by_kind, load_component, read_component_info
 
 # The component configs of stabilityai/stable-diffusion-3.5-medium, for shapes without weights.
@@ -120,8 +121,10 @@ def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None, shardings=No
     "text_encoder", "text_encoder_2", "text_encoder_3"); each parameter is read straight into
     its sharding. Default: everything on the first local device. `options` are run-time
     settings ({"remat": ..., "attention_impl": ...}) each model takes what it knows of. Raises
-    FileNotFoundError / ValueError (ComponentLoadError) naming what is missing.
+    FileNotFoundError / ValueError (ComponentLoadError) naming what is missing. `path` may be a
+    Hugging Face Hub id in the local cache (convert/hub.py).
     """
+    path = hub.local_path(path)
     index = _read_index(path)
 
     def model(name):
@@ -148,6 +151,7 @@ def abstract_pipeline(path: str | None = None, dtype=jnp.float32, compute_dtype=
         configs = {name: _read_json(os.path.join(SD35M_CONFIGS, f"{name}.json")) for name in _MODELS}
         scheduler = os.path.join(SD35M_CONFIGS, "scheduler.json")
     else:
+        path = hub.local_path(path)
         index = _read_index(path)
         configs = {name: read_component_info(os.path.join(path, name), _MODELS[name])
                    for name in _MODELS if name in index}
