@@ -156,3 +156,108 @@ def convert(tensors: Mapping, rules: Sequence[Rule], target: Mapping[Path, tuple
     (tests, in-memory conversion of a PyTorch model); folders are converted by streaming."""
     return {path: np.asarray(tensor)
             for path, tensor in lazy_convert(tensors, rules, target, dtype).items()}
+
+
+def conv2d_inverse(x):
+    """Flax Conv kernel (kh, kw, in, out) -> torch Conv2d weight (out, in, kh, kw)."""
+    return x.transpose(3, 2, 0, 1)
+
+
+# The transform that takes each table transform's output back to the source layout.
+INVERSES = {identity: identity, linear: linear, conv2d: conv2d_inverse}
+
+
+def _split_pattern(pattern: str) -> list:
+    """A rule's source regex as literal strings and top-level capture groups' sub-patterns
+    [(str, is_group)]; ValueError for a pattern that is not literals and groups."""
+    pieces, literal, i = [], "", 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            if i + 1 >= len(pattern) or pattern[i + 1].isalnum():
+                raise ValueError(f"pattern {pattern!r}: escape {pattern[i:i + 2]!r} is not a literal")
+            literal += pattern[i + 1]
+            i += 2
+        elif char == "(":
+            if pattern.startswith("(?", i):
+                raise ValueError(f"pattern {pattern!r}: only plain capture groups at the top level")
+            depth, j = 1, i + 1
+            while depth:
+                if j >= len(pattern):
+                    raise ValueError(f"pattern {pattern!r}: unbalanced parentheses")
+                if pattern[j] == "\\":
+                    j += 1
+                elif pattern[j] == "(":
+                    if not pattern.startswith("(?", j):
+                        raise ValueError(f"pattern {pattern!r}: nested capture groups")
+                    depth += 1
+                elif pattern[j] == ")":
+                    depth -= 1
+                j += 1
+            pieces += [(literal, False), (pattern[i + 1:j - 1], True)]
+            literal, i = "", j
+        elif char in ".^$*+?{}[]|)":
+            raise ValueError(f"pattern {pattern!r}: {char!r} outside a group is not a literal")
+        else:
+            literal += char
+            i += 1
+    return pieces + [(literal, False)]
+
+
+def _inverse_rule(rule: Rule):
+    """(regex over the rule's Flax paths with one named group per source group, the source key
+    template) of a rule, or None when the rule's patterns cannot be inverted."""
+    try:
+        pieces = _split_pattern(rule.src)
+    except ValueError:
+        return None
+    groups = [p for p, is_group in pieces if is_group]
+    template, n = "", 0
+    for text, is_group in pieces:
+        if is_group:
+            n += 1
+            template += f"\\g<g{n}>"
+        else:
+            template += text.replace("\\", "\\\\")
+    regex, seen, k = "", set(), 0
+    for match in re.finditer(r"\\(\d+)", rule.dst):
+        number = int(match.group(1))
+        if not 1 <= number <= len(groups) or number in seen:
+            return None
+        seen.add(number)
+        regex += re.escape(rule.dst[k:match.start()]) + f"(?P<g{number}>{groups[number - 1]})"
+        k = match.end()
+    if seen != set(range(1, len(groups) + 1)):
+        return None  # a source group the Flax path does not keep: no unique source key
+    return re.compile(regex + re.escape(rule.dst[k:])), template
+
+
+def source_keys(rules: Sequence[Rule], paths) -> dict[Path, tuple[str, Callable]]:
+    """The table run backwards: {Flax path: (the source key `plan` maps to it, the transform
+    from the Flax layout back to the source's)}, for every path in `paths`.
+
+    Each rule's source regex (literals and capture groups) is read as a template; a candidate
+    key counts only if the table itself maps it back to the same path by the same rule, so the
+    inverse is exactly what conversion does. ConversionError lists the paths no rule gives."""
+    compiled = [(re.compile(r.src), r) for r in rules]
+    inverses = [(_inverse_rule(r), r) for r in rules if r.dst is not None and not r.fallback]
+    out, missing = {}, []
+    for path in paths:
+        dotted = format_path(path)
+        for inverse, rule in inverses:
+            if inverse is None or (m := inverse[0].fullmatch(dotted)) is None:
+                continue
+            key = m.expand(inverse[1])
+            first = next((r for c, r in compiled if c.fullmatch(key)), None)
+            if first is rule and parse_path(re.fullmatch(rule.src, key).expand(rule.dst)) == tuple(path):
+                if rule.transform not in INVERSES:
+                    raise ConversionError(f"{dotted}: the transform of rule {rule.src!r} has no "
+                                          f"known inverse")
+                out[tuple(path)] = (key, INVERSES[rule.transform])
+                break
+        else:
+            missing.append(dotted)
+    if missing:
+        raise ConversionError("no rule of the table gives these parameters a source key:\n"
+                              + _listing("unmapped", missing))
+    return out

@@ -159,14 +159,39 @@ def _read_into(out: np.ndarray, reader: _Reader, offset: int, shape: tuple, rang
         out[k:k + len(part)] = block[(slice(None, None, rows.step),) + inner]
 
 
-def write_safetensors(path: str, tensors: Mapping) -> None:
+def stored_dtype(info: dict) -> np.dtype:
+    """The numpy dtype of a checked header entry."""
+    return np.dtype(_DTYPES[info["dtype"]])
+
+
+def read_metadata(path: str) -> dict:
+    """The header's `__metadata__` (a str -> str dict; empty when there is none)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        try:
+            header = json.loads(f.read(struct.unpack("<Q", raw)[0]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(metadata) if isinstance(metadata, dict) else {}
+
+
+def _nbytes(value) -> int:
+    return math.prod(tuple(value.shape)) * np.dtype(value.dtype).itemsize
+
+
+def write_safetensors(path: str, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> None:
     """Writes {name: array} as a safetensors file, one tensor in memory at a time.
 
     A value may be lazy: anything with `shape` and `dtype` that np.asarray materialises. The
     header is written first from the shapes and dtypes alone, then each value is materialised,
-    written and dropped.
+    written and dropped. `metadata` (str -> str) goes into the header's `__metadata__`.
     """
     header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, value in tensors.items():
         dtype, shape = np.dtype(value.dtype), tuple(value.shape)
         if dtype not in _NAMES:
@@ -188,6 +213,40 @@ def write_safetensors(path: str, tensors: Mapping) -> None:
                                  f"{list(array.shape)}, declared {entry['dtype']} {entry['shape']}")
             f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
             del array  # before the next one is materialised
+
+
+def write_sharded(folder: str, stem: str, tensors: Mapping, max_shard_bytes: int,
+                  metadata: Mapping[str, str] | None = None) -> list[str]:
+    """Writes {name: array} into `folder` as transformers / diffusers save them: `stem`.safetensors
+    when it fits in `max_shard_bytes`, else `stem`-0000i-of-0000n.safetensors shards of at most
+    that size (a larger tensor alone in its own) with `stem`.safetensors.index.json mapping
+    each tensor to its shard. Values may be lazy; one is in memory at a time. Returns the files
+    written."""
+    shards, current, size = [], {}, 0
+    for name, value in tensors.items():
+        nbytes = _nbytes(value)
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = value
+        size += nbytes
+    shards.append(current)
+    os.makedirs(folder, exist_ok=True)
+    if len(shards) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(os.path.join(folder, name), shard, metadata)
+    written = [os.path.join(folder, n) for n in names]
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(v) for v in tensors.values())},
+                 "weight_map": {t: n for n, shard in zip(names, shards) for t in shard}}
+        path = os.path.join(folder, f"{stem}.safetensors.index.json")
+        with open(path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        written.append(path)
+    return written
 
 
 class SafetensorsFolder(Mapping):
