@@ -14,6 +14,8 @@ models compare on the same noise.
 `--checkpoint` is a training workdir (its latest checkpoint's EMA params, on the model the run
 trained; without `--config`, with that run's config) or a model folder of the config's family
 (it takes the place of `config.model.path`); without it, `config.model` itself is evaluated.
+`--lora` adds a PyTorch LoRA adapter (a PEFT adapter folder or a diffusers LoRA file, as
+`lora.init_from` reads them) to that model, at the adapter's own modules, rank and scale.
 Scores: `--reward "name:weight,..."` (registered rewards: "reward" is the weighted total,
 every reward and sub-score is a column of its own), else the family's own scoring (the toy
 family: its checker's strict, partial and exact), else the config's rewards. Prompts are read
@@ -38,7 +40,7 @@ from tqdm import tqdm
 
 from flowgrpo_jax import checkpoint as ckpt
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import families
+from flowgrpo_jax import families, lora_io
 from flowgrpo_jax.generator import Family, Generator, nnx_velocity
 from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.logging_utils import image_grid
@@ -79,7 +81,7 @@ def workdir_model(workdir: str) -> tuple[ml_collections.ConfigDict, Model]:
         config = ml_collections.ConfigDict(json.load(f))
     family = families.load(config.model.family)
     generator = family.build(config.model)
-    model = build_trainable_model(config, family, generator)
+    model = build_trainable_model(config, family, generator, load_adapter=False)
     checkpointer = ckpt.TrainCheckpointer(workdir)
     step = checkpointer.latest_step()
     if step is None:
@@ -90,6 +92,27 @@ def workdir_model(workdir: str) -> tuple[ml_collections.ConfigDict, Model]:
     checkpointer.close()
     trained = state.ema_params if config.train.ema else state.params
     return config, Model(family, generator, (trained, model.frozen), model.velocity)
+
+
+def adapter_model(config, path: str) -> Model:
+    """The config's model with the LoRA adapter at `path` (a PEFT adapter folder or a diffusers
+    LoRA file, as lora.init_from): LoRA exactly on the adapter's modules, at its rank and scale."""
+    family = families.load(config.model.family)
+    if family.torch is None:
+        raise lora_io.AdapterError(f"--lora {path}: model family {config.model.family!r} has no "
+                                   f"PyTorch counterpart, so no PyTorch LoRA adapter fits it")
+    adapter = lora_io.read_adapter(path, family.torch.component)
+    generator = family.build(config.model)
+    ranks = sorted(set(adapter.ranks.values()))
+    if len(ranks) != 1:
+        raise lora_io.AdapterError(f"--lora {path}: modules of different ranks {ranks}")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.lora.enabled, config.lora.rank, config.lora.alpha = True, ranks[0], float(ranks[0])
+        config.lora.targets = lora_io.adapter_targets(generator.model, family.torch, adapter)
+        config.lora.init_from = path
+    model = build_trainable_model(config, family, generator)
+    return Model(family, generator, (model.trainable, model.frozen), model.velocity)
 
 
 def reward_scorer(rewards: str, options: dict, plugins=()) -> Callable:
@@ -180,9 +203,20 @@ def evaluate(model: Model, prompt_set: PromptSet, score: Callable, *, num_steps:
     return summarize(prompt_set, scores), images
 
 
-def resolve(config, checkpoint: str | None) -> tuple[ml_collections.ConfigDict, Model]:
+def resolve(config, checkpoint: str | None, lora: str | None = None
+            ) -> tuple[ml_collections.ConfigDict, Model]:
     """(config, model) of a training workdir, of a model folder of config.model's family, or
-    of config.model itself."""
+    of config.model itself; with `lora`, that model with the LoRA adapter at `lora`."""
+    if lora is not None:
+        if checkpoint is not None and is_workdir(checkpoint):
+            raise ValueError("--lora adds an adapter to a base model: give it a model folder, "
+                             "not a training workdir, as --checkpoint")
+        if config is None:
+            raise ValueError("--lora needs --config (the base model's family and settings)")
+        config = config.copy_and_resolve_references()
+        if checkpoint is not None:
+            config.model.path = checkpoint
+        return config, adapter_model(config, lora)
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
     if checkpoint is not None and is_workdir(checkpoint):
@@ -200,6 +234,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="configs/NAME.py[:variant]")
     parser.add_argument("--checkpoint", help="training workdir, or model folder of the config's family")
+    parser.add_argument("--lora", help="a PEFT adapter folder or diffusers LoRA file to evaluate "
+                                       "on the base model (a Hub id in the local cache too)")
     parser.add_argument("--prompts", help="prompt file; default: the config's test file")
     parser.add_argument("--out", required=True, help="JSON file of the results")
     parser.add_argument("--reward", help="registered rewards 'name:weight,...' to score with, "
@@ -219,7 +255,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = config_lib.load_file(args.config) if args.config else None
-        config, model = resolve(config, args.checkpoint)
+        config, model = resolve(config, args.checkpoint, args.lora)
         prompts_file = args.prompts or config.prompts.test_file
         prompt_set = load_prompts(prompts_file, config.prompts.format)
         score = scorer_for(config, model.family, args.reward)

@@ -13,7 +13,7 @@ with only the modules' shapes (a generator built with `abstract=True`).
 """
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -61,6 +61,25 @@ class Generator:
         return functools.partial(decode, state)
 
 
+@dataclasses.dataclass(frozen=True)
+class TorchCounterpart:
+    """The PyTorch (diffusers) network a family's velocity network was converted from: what
+    exporting trained weights (flowgrpo_jax/export.py) and importing LoRA adapters
+    (`lora.init_from`, lora_io.py) need to name its weights as PyTorch does."""
+
+    # The conversion key table (convert.core.Rule list): PyTorch state-dict keys -> the
+    # network's parameter paths. Run backwards it names every weight and LoRA module.
+    rules: Sequence
+    # The network's component name in a diffusers pipeline ("transformer"): the key prefix of
+    # diffusers LoRA files and the subfolder of a pipeline.
+    component: str
+    # folder(model_config) -> the converted folder of the network (config.json, the source's
+    # own, and params.safetensors): the base weights of a merged export.
+    folder: Callable[[Any], str]
+    # The stem of the weight file(s) of a diffusers component folder.
+    weights_name: str = "diffusion_pytorch_model"
+
+
 # What `place(role, abstract_param_state)` is asked for: the roles of a generator's modules.
 ROLES = ("model", "encoder", "decoder")
 
@@ -82,6 +101,9 @@ class Family:
     # score(images, prompts, metadata) -> {name: (N,) array}: how the evaluator scores this
     # family's images unless told to use a reward; None: the config's rewards.
     score: Callable | None = None
+    # The PyTorch network the velocity network came from, for weight export and LoRA import;
+    # None: the family has no PyTorch counterpart.
+    torch: TorchCounterpart | None = None
 
 
 @functools.cache

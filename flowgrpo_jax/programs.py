@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from flowgrpo_jax import parallel
+from flowgrpo_jax import lora_io, parallel
 from flowgrpo_jax.generator import Family, Generator, nnx_velocity
 from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.lora import apply_lora
@@ -39,18 +39,37 @@ def optimizer_for_config(config):
                              t.max_grad_norm, decay_steps)
 
 
-def build_trainable_model(config, family: Family, generator: Generator) -> TrainableModel:
+def build_trainable_model(config, family: Family, generator: Generator, *,
+                          load_adapter: bool = True) -> TrainableModel:
     """LoRA on the config's targets (the family's by default), or the family's trainable
-    variables for full fine-tuning."""
+    variables for full fine-tuning.
+
+    With `lora.init_from` (a PEFT adapter folder or a diffusers LoRA file) the LoRA starts
+    from that adapter, after checking it fits the targets, rank and shapes (lora_io.py's
+    AdapterError, naming the modules, otherwise). load_adapter=False leaves it unread, for a
+    model whose params come from a checkpoint."""
     if config.lora.enabled:
         apply_lora(generator.model, rank=config.lora.rank, alpha=config.lora.alpha,
                    rngs=nnx.Rngs(config.seed),
                    targets=tuple(config.lora.targets) or family.lora_targets)
+        if load_adapter and config.lora.get("init_from"):
+            load_lora_adapter(config, family, generator.model)
         trained = nnx.LoRAParam
     else:
         trained = family.trainable
     graphdef, trainable, frozen = nnx.split(generator.model, trained, ...)
     return TrainableModel(nnx_velocity(graphdef, generator.apply), trainable, frozen)
+
+
+def load_lora_adapter(config, family: Family, model) -> None:
+    """Sets the LoRA layers of `model` from the adapter at config.lora.init_from."""
+    where = "config.lora.init_from"
+    if family.torch is None:
+        raise lora_io.AdapterError(f"{where}={config.lora.init_from!r}: model family "
+                                   f"{config.model.family!r} has no PyTorch counterpart, so no "
+                                   f"PyTorch LoRA adapter fits it")
+    adapter = lora_io.read_adapter(config.lora.init_from, family.torch.component)
+    lora_io.set_from_adapter(model, family.torch, adapter, where=where)
 
 
 def step_config(config, sigmas) -> ts.StepConfig:

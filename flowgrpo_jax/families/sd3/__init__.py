@@ -6,6 +6,8 @@ encodes prompts, samples and decodes as diffusers' StableDiffusion3Pipeline does
 holds the model configs the `configs/sd35m_*.py` files use, and `sd35m/` SD3.5 Medium's
 component configs and parameter counts, for shapes without weights. LoRA goes on the joint
 attention projections, full fine-tuning trains every MMDiT weight but the position table.
+The MMDiT's PyTorch counterpart is diffusers' SD3Transformer2DModel (`TORCH`): trained weights
+export to PEFT / diffusers LoRA files and a merged diffusers folder, and adapters import.
 """
 import functools
 import os
@@ -17,8 +19,9 @@ from flowgrpo_jax.config import ConfigError
 from flowgrpo_jax.families.sd3.loading import abstract_pipeline, load_pipeline
 from flowgrpo_jax.families.sd3.pipeline import (PromptTokens, apply_transformer, decoded_uint8,
                                                 latent_shape, text_embeddings, tokenize)
-from flowgrpo_jax.generator import Family, Generator
-from flowgrpo_jax.models import attention, mmdit
+from flowgrpo_jax.generator import Family, Generator, TorchCounterpart
+from flowgrpo_jax.models import attention, mmdit, mmdit_table
+from flowgrpo_jax.models.components import resolve_component_dir
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # The role (generator.ROLES) each pipeline model plays, for the trainer's placement.
@@ -70,4 +73,9 @@ def build(model_config, *, remat: str = "none", place=None, abstract: bool = Fal
         shift=pipeline.scheduler.shift)
 
 
-FAMILY = Family(build=build, trainable=mmdit.TRAINABLE, lora_targets=mmdit.JOINT_ATTENTION)
+# The MMDiT is diffusers' SD3Transformer2DModel: its key table names its weights both ways.
+TORCH = TorchCounterpart(rules=mmdit_table.RULES, component="transformer",
+                         folder=lambda model_config: resolve_component_dir(model_config.path,
+                                                                           "transformer"))
+FAMILY = Family(build=build, trainable=mmdit.TRAINABLE, lora_targets=mmdit.JOINT_ATTENTION,
+                torch=TORCH)
