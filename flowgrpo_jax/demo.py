@@ -10,8 +10,10 @@
 3. evaluates the trained EMA params of the last checkpoint the same way, on the same noise;
 4. prints a per-category table and writes to the workdir: `results.json` (every number, the
    per-epoch metrics and the phase times), `reward_curve.png` (train reward per epoch, eval
-   accuracy points), `grid_base.png` / `grid_trained.png` (the same prompts and seeds) and
-   `before_after.png` (both side by side, one labelled row per prompt).
+   accuracy points) and `accuracy_per_category.png` (base vs trained strict accuracy per
+   category), both drawn with matplotlib and each with its data in `<name>.data.json`,
+   `grid_base.png` / `grid_trained.png` (the same prompts and seeds) and `before_after.png`
+   (both side by side, one labelled row per prompt).
 """
 import json
 import os
@@ -74,6 +76,17 @@ def reward_curve(history: list[dict], base: dict, trained: dict, num_epochs: int
             [h["epoch"] for h in evals], [h[f"eval/{STRICT}_mean"] for h in evals])
     return plot.line_chart(lines, points=points, title="Flow-GRPO on the toy world",
                            xlabel="epoch", ylabel="reward / accuracy")
+
+
+def category_bars(base: dict, trained: dict):
+    """Strict test accuracy per category and overall, base vs trained."""
+    tags = list(base["per_tag"])
+    return plot.bar_chart(
+        tags + ["overall"],
+        {"base": [base["per_tag"][t]["strict"] for t in tags] + [base["strict"]],
+         "trained (Flow-GRPO, EMA)": [trained["per_tag"][t]["strict"] for t in tags]
+         + [trained["strict"]]},
+        title="strict test accuracy per category", ylabel="strict accuracy", ylim=(0, 1.05))
 
 
 def table(base: dict, trained: dict) -> str:
@@ -139,6 +152,7 @@ def run(config, workdir: str, *, images_per_prompt: int = IMAGES_PER_PROMPT, num
                                        seed=seed, desc="trained (grid)")
     write_figures(workdir, grid.metadata, list(range(len(rows))), base_images, trained_images)
     reward_curve(history, base, trained, config.num_epochs).save(os.path.join(workdir, "reward_curve.png"))
+    category_bars(base, trained).save(os.path.join(workdir, "accuracy_per_category.png"))
     times["total_s"] = time.perf_counter() - started
 
     results = {"base": base, "trained": trained, "history": history,

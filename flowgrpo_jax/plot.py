@@ -1,68 +1,103 @@
-"""Small PNG figures drawn with PIL (no plotting library): line charts and labelled image tables."""
+"""Figures: charts drawn with matplotlib (Agg, no display) and written as PNG with the data they
+draw beside them as JSON; labelled image tables composed with PIL, pixel for pixel."""
+import json
+import os
+
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-_WIDTH, _HEIGHT, _MARGIN, _LEGEND_ROW = 720, 420, 60, 16
+# matplotlib's default colour cycle (tab10), in the order series are drawn.
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+          "#7f7f7f", "#bcbd22", "#17becf")
 
 
-def _integer_ticks(lo: float, hi: float, count: int = 8) -> np.ndarray:
-    step = max(1, int(np.ceil((hi - lo) / count)))
-    return np.arange(np.ceil(lo), hi + 1e-9, step)
+def data_path(png_path: str) -> str:
+    """Where a chart's data goes beside its PNG: reward_curve.png -> reward_curve.data.json."""
+    stem, _ = os.path.splitext(png_path)
+    return stem + ".data.json"
+
+
+def _floats(values) -> list:
+    return [float(v) for v in np.asarray(values, float).reshape(-1)]
+
+
+class Chart:
+    """A matplotlib figure and the data it draws. save(path) writes the PNG at `path` and the
+    data as JSON at data_path(path)."""
+
+    def __init__(self, figure: Figure, data: dict):
+        self.figure, self.data = figure, data
+
+    def save(self, path: str) -> None:
+        self.figure.savefig(path, format="png")
+        with open(data_path(path), "w") as f:
+            json.dump(self.data, f, indent=1)
+
+
+def _figure(width: float = 8.0, height: float = 5.0) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # the Agg canvas: PNG without any display or pyplot state
+    return figure
 
 
 def line_chart(lines: dict, *, points: dict | None = None, title: str = "", xlabel: str = "",
-               ylabel: str = "") -> Image.Image:
-    """`lines` {label: (xs, ys)} drawn as polylines, `points` {label: (xs, ys)} as dots (each
-    label its own colour, in order); a legend below the axes."""
+               ylabel: str = "") -> Chart:
+    """`lines` {label: (xs, ys)} drawn as lines, `points` {label: (xs, ys)} as markers (each
+    label its own colour, lines first, in order); the legend below the axes."""
     points = points or {}
     series = [(label, xs, ys, False) for label, (xs, ys) in lines.items()]
     series += [(label, xs, ys, True) for label, (xs, ys) in points.items()]
     if not series or not any(len(xs) for _, xs, _, _ in series):
         raise ValueError("nothing to plot: every series is empty")
-    all_x = np.concatenate([np.asarray(xs, float) for _, xs, _, _ in series])
-    all_y = np.concatenate([np.asarray(ys, float) for _, _, ys, _ in series])
-    x_lo, x_hi = all_x.min(), max(all_x.max(), all_x.min() + 1)
-    y_lo, y_hi = all_y.min(), all_y.max()
-    pad = max(0.05 * (y_hi - y_lo), 0.01)  # a flat series still gets an axis of some height
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-    legend_height = _LEGEND_ROW * len(series) + 8
-    image = Image.new("RGB", (_WIDTH, _HEIGHT + legend_height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    left, right, top, bottom = _MARGIN, _WIDTH - 20, 30, _HEIGHT - 40
-
-    def to_px(x, y):
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
-                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
-
-    draw.rectangle((left, top, right, bottom), outline="black")
-    for y in np.linspace(y_lo, y_hi, 6):
-        _, py = to_px(x_lo, y)
-        draw.line((left - 4, py, right, py), fill=(225, 225, 225))
-        draw.text((4, py - 6), f"{y:.3f}", fill="black", font=font)
-    for x in _integer_ticks(x_lo, x_hi):
-        px, _ = to_px(x, y_lo)
-        draw.line((px, bottom, px, bottom + 4), fill="black")
-        draw.text((px - 8, bottom + 6), f"{x:.0f}", fill="black", font=font)
-    draw.text((left + 140, 8), title, fill="black", font=font)
-    draw.text(((left + right) // 2 - 3 * len(xlabel), bottom + 22), xlabel, fill="black", font=font)
-    draw.text((4, top - 16), ylabel, fill="black", font=font)
+    figure = _figure()
+    axes = figure.add_subplot()
     for i, (label, xs, ys, as_points) in enumerate(series):
         color = COLORS[i % len(COLORS)]
-        pixels = [to_px(float(x), float(y)) for x, y in zip(xs, ys)]
         if as_points:
-            for px, py in pixels:
-                draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=color)
-        elif len(pixels) > 1:
-            draw.line(pixels, fill=color, width=2)
-        elif pixels:
-            draw.ellipse((pixels[0][0] - 2, pixels[0][1] - 2, pixels[0][0] + 2, pixels[0][1] + 2), fill=color)
-        y = _HEIGHT + 4 + i * _LEGEND_ROW
-        draw.rectangle((left, y + 3, left + 18, y + 11), fill=color)
-        draw.text((left + 26, y), label, fill="black", font=font)
-    return image
+            axes.plot(_floats(xs), _floats(ys), "o", color=color, markersize=7, label=label)
+        else:
+            axes.plot(_floats(xs), _floats(ys), "-", color=color, linewidth=2,
+                      marker="o" if len(xs) == 1 else None, label=label)
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.grid(True, color="#e0e0e0")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.legend(loc="outside lower center", ncols=1, frameon=False)
+    data = {"title": title, "xlabel": xlabel, "ylabel": ylabel,
+            "lines": {label: {"x": _floats(xs), "y": _floats(ys)} for label, (xs, ys) in lines.items()},
+            "points": {label: {"x": _floats(xs), "y": _floats(ys)} for label, (xs, ys) in points.items()}}
+    return Chart(figure, data)
+
+
+def bar_chart(categories: list[str], series: dict, *, title: str = "", ylabel: str = "",
+              ylim: tuple | None = None) -> Chart:
+    """Grouped bars: for each category one bar per series {label: values, one per category},
+    each bar labelled with its value."""
+    if not categories or not series:
+        raise ValueError("nothing to plot: no categories or no series")
+    for label, values in series.items():
+        if len(values) != len(categories):
+            raise ValueError(f"series {label!r} has {len(values)} values for "
+                             f"{len(categories)} categories")
+    figure = _figure(max(6.0, 1.1 * len(categories) * max(1, len(series)) ** 0.5 + 2), 4.5)
+    axes = figure.add_subplot()
+    width = 0.8 / len(series)
+    x = np.arange(len(categories))
+    for i, (label, values) in enumerate(series.items()):
+        bars = axes.bar(x + (i - (len(series) - 1) / 2) * width, _floats(values), width,
+                        color=COLORS[i % len(COLORS)], label=label)
+        axes.bar_label(bars, fmt="%.2f", fontsize=8)
+    axes.set_xticks(x, categories, rotation=20, ha="right")
+    axes.set(title=title, ylabel=ylabel)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    axes.grid(True, axis="y", color="#e0e0e0")
+    axes.set_axisbelow(True)
+    axes.legend(frameon=False)
+    data = {"title": title, "ylabel": ylabel, "categories": list(categories),
+            "series": {label: _floats(values) for label, values in series.items()}}
+    return Chart(figure, data)
 
 
 def labelled_rows(rows: list, labels: list[str], *, column_titles: list[str] = (), scale: int = 2,

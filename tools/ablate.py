@@ -8,7 +8,7 @@ training run of the config with those values and the fixed `--set` ones, in OUT/
 (which must not exist yet: give a fresh OUT). Values are parsed as the
 type of the key's current value (bool, int, float, str). Results: a table on stdout,
 OUT/ablate.json (every run's overrides, per-epoch reward means and summary) and OUT/ablate.png
-(the reward mean per epoch of every run). A run's "final reward" is the mean of its last
+(the reward mean per epoch of every run, drawn with matplotlib; its data in ablate.data.json). A run's "final reward" is the mean of its last
 `--last` epochs' reward means; "eval reward" is the trainer's last eval (when eval_every > 0);
 "epoch s" and "rollout s" (sampling plus the wait for the last rewards) are medians over epochs.
 """
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         lines[r["name"]] = ([h["epoch"] for h in epochs], [h["reward/total_mean"] for h in epochs])
     plot.line_chart(lines, title=f"reward mean per epoch ({os.path.basename(args.config)})",
                     xlabel="epoch", ylabel="reward").save(os.path.join(args.out, "ablate.png"))
-    print(f"wrote {args.out}/ablate.json and {args.out}/ablate.png")
+    print(f"wrote {args.out}/ablate.json and {args.out}/ablate.png (data: ablate.data.json)")
     return 0
 
 
