@@ -92,12 +92,18 @@ def tiny_sd3_pipeline(seed=0) -> StableDiffusion3Pipeline:
         tokenizer_3=tokenizer_3)
 
 
-@pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
+def saved_and_converted(tmp_path_factory):
+    """(tiny_sd3_pipeline(), its save_pretrained folder, that folder converted)."""
     reference = tiny_sd3_pipeline()
     src, dst = tmp_path_factory.mktemp("diffusers"), tmp_path_factory.mktemp("flax")
     reference.save_pretrained(src)
     convert_folder(str(src), str(dst), log=lambda *_: None)
+    return reference, src, dst
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    reference, _, dst = saved_and_converted(tmp_path_factory)
     return reference, load_pipeline(str(dst)), dst
 
 

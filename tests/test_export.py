@@ -40,7 +40,7 @@ from flowgrpo_jax.models.components import component_for_class
 from flowgrpo_jax.models.conversion import convert_folder
 from flowgrpo_jax.programs import build_trainable_model
 from flowgrpo_jax.train import train
-from test_encode_prompt import T5_LENGTH, tiny_sd3_pipeline
+from test_encode_prompt import T5_LENGTH, saved_and_converted
 from train_runs import ROOT
 
 # The PyTorch Flow-GRPO's target_modules (PEFT matches them as name suffixes).
@@ -117,11 +117,7 @@ def peft_adapter(transformer, folder, *, rank=RANK, alpha=ALPHA, targets=TARGETS
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(diffusers pipeline, its save_pretrained folder, the converted folder)."""
-    reference = tiny_sd3_pipeline()
-    src, dst = tmp_path_factory.mktemp("diffusers"), tmp_path_factory.mktemp("flax")
-    reference.save_pretrained(src)
-    convert_folder(str(src), str(dst), log=lambda *_: None)
-    return reference, src, dst
+    return saved_and_converted(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "flowgrpo_jax"
 # The RL core: what must work for every family, so it may name none.
 CORE = ("sampling", "grpo", "rewards", "train.py", "parallel.py", "checkpoint.py", "config.py",
         "programs.py", "generator.py", "lora.py", "remat.py", "prompts.py", "planner.py",
-        "evaluate.py", "logging_utils.py")
+        "evaluate.py", "export.py", "lora_io.py", "logging_utils.py")
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
@@ -73,14 +73,8 @@ def test_registering_a_name_twice_is_refused():
 
 @pytest.fixture(scope="module")
 def tiny_sd3_folder(tmp_path_factory):
-    from test_encode_prompt import tiny_sd3_pipeline
-    src, dst = tmp_path_factory.mktemp("diffusers"), tmp_path_factory.mktemp("flax")
-    tiny_sd3_pipeline().save_pretrained(src)
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_weights.py"),
-                             "--src", str(src), "--dst", str(dst)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return dst
+    from test_encode_prompt import saved_and_converted  # torch and diffusers: only here
+    return saved_and_converted(tmp_path_factory)[2]
 
 
 def test_the_sd3_family_trains_two_epochs_from_a_shipped_config(tiny_sd3_folder, tmp_path):
