@@ -59,6 +59,7 @@ def test_values_must_fit_the_type_of_their_key(tmp_path, grid, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the trainer's own SIGTERM handling is in tests/test_train_resume.py
 def test_sigterm_stops_the_grid_after_saving(tmp_path):
     model = make_tiny_model(tmp_path / "model")
     out = tmp_path / "ablate"

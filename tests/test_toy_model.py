@@ -100,6 +100,7 @@ def test_short_pretraining_decreases_the_loss():
     assert after < 0.7 * before, (before, after)
 
 
+@pytest.mark.slow  # 40 s of pretraining; the loss test above runs the same loop
 def test_pretraining_with_ema_returns_the_average_of_the_weights(tmp_path):
     """The EMA (decay ramped as (1 + step) / (10 + step), capped) of the weights of the same run
     without it, whose per-step snapshots are the weights themselves."""

@@ -14,6 +14,9 @@ from train_runs import checkpoint_params, make_tiny_model, max_abs_diff, run_tra
 EPOCHS = 3
 
 
+# Slow: the same equality is checked per update on 8 devices by tests/test_parallel.py and for
+# the whole trainer across two processes by tests/test_train_distributed.py.
+@pytest.mark.slow
 def test_eight_devices_match_one_device(tmp_path):
     model = make_tiny_model(tmp_path / "model")
     settings = (f"--config.num_epochs={EPOCHS}", "--config.save_every=3", "--config.eval_every=2")
