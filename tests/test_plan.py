@@ -116,3 +116,5 @@ def test_advice_names_a_smaller_micro_batch_when_fsdp_and_remat_are_already_set(
         "--config.train.micro_batch_size, e.g. 16 (the search finds the largest)")
     result.programs = [planner.Compiled("train step", 1, False)]
     assert planner.advice(result, config).endswith("try more chips, or chips with more memory")
+    config.mesh.data, config.mesh.fsdp = 1, -1  # the :full variant's mesh: fsdp over all 8
+    assert planner.advice(result, config).endswith("try more chips, or chips with more memory")

@@ -33,8 +33,8 @@ def tiny(config, rewards: str) -> ml_collections.ConfigDict:
 
 def full_fine_tuning(config) -> ml_collections.ConfigDict:
     """`config` training every MMDiT weight instead of LoRA, the weights, optimizer state, EMA
-    and reference copy sharded over every device (mesh.fsdp) and 16 images a micro batch: the
-    sizes the planner fits on 8-chip v5e/v6e and 4-chip v4/v5p slices (README, Memory). The
+    and reference copy sharded over every device (mesh.fsdp) and 16 images a micro batch (2 a
+    chip on 8 chips, 4 on 4; the planner fits it on v6e-8, not on v5e-8: README). The
     rate is a full-weight one (LoRA's 3e-4 is far too large for the weights themselves); the
     paper trains LoRA only, so this is a starting point, not a reproduced setting."""
     config.lora.enabled = False
