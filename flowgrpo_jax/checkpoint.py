@@ -63,6 +63,41 @@ def _flatten_config(d: dict, prefix="") -> dict:
 RESUMABLE_KEYS = ("num_epochs", "save_every", "eval_every", "log_every", "max_nonfinite_updates")
 
 
+def is_workdir(folder: str) -> bool:
+    """Whether `folder` is a training workdir: its recorded config and a checkpoints folder."""
+    return os.path.isfile(os.path.join(folder, CONFIG_FILE)) and os.path.isdir(
+        os.path.join(folder, "checkpoints"))
+
+
+def recorded_config(workdir: str) -> dict:
+    """The config a training workdir was started with (WorkdirError when it is no workdir)."""
+    if not is_workdir(workdir):
+        raise WorkdirError(f"{workdir} is not a training workdir (no {CONFIG_FILE} and "
+                           f"checkpoints/)")
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+        return json.load(f)
+
+
+def restore_trained_params(workdir: str, abstract_state, *, step: int | None = None,
+                           ema: bool = True):
+    """(step, params) of a workdir's checkpoint `step` (default: the latest): its EMA params,
+    or with `ema=False` the trained ones; the state restores into `abstract_state`'s shardings.
+    WorkdirError when the workdir holds no such checkpoint."""
+    checkpointer = TrainCheckpointer(workdir)
+    try:
+        steps = sorted(checkpointer.all_steps())
+        if not steps:
+            raise WorkdirError(f"{workdir} holds no complete training checkpoint yet")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise WorkdirError(f"{workdir} has no checkpoint {step} (saved: {steps})")
+        state, _ = checkpointer.restore(step, abstract_state)
+    finally:
+        checkpointer.close()
+    return step, state.ema_params if ema else state.params
+
+
 def check_workdir_config(workdir: str, config: dict, allow_change: bool = False) -> None:
     """Records `config` in a new workdir; in an existing one, refuses a different config."""
     os.makedirs(workdir, exist_ok=True)
@@ -181,6 +216,9 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list:
+        return list(self._manager.all_steps())
+
     def save(self, step: int, state, host: dict) -> None:
         """Saves and waits: a checkpoint is complete on disk, with its manifest, when this
         returns. A state with a NaN or inf anywhere is refused (CheckpointError)."""
@@ -209,7 +247,7 @@ class TrainCheckpointer:
         that the run can write those steps again. With no intact step, CheckpointError.
         Every process must call this (process 0 checks the files; all restore together)."""
         damaged = []
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        for step in sorted(self.all_steps(), reverse=True):
             folder = os.path.join(self._directory, str(step))
             problem = check_manifest(folder) if jax.process_index() == 0 else None
             if not parallel.any_process(problem is not None):

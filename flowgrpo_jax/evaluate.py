@@ -69,28 +69,16 @@ def base_model(model_config) -> Model:
                  nnx_velocity(nnx.graphdef(generator.model), generator.apply))
 
 
-def is_workdir(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, ckpt.CONFIG_FILE)) and os.path.isdir(
-        os.path.join(folder, "checkpoints"))
-
-
 def workdir_model(workdir: str) -> tuple[ml_collections.ConfigDict, Model]:
     """(config, model) of a training workdir's latest checkpoint: the EMA params (the trained
     ones when train.ema is off) on the model the run was started with, split as it trains."""
-    with open(os.path.join(workdir, ckpt.CONFIG_FILE)) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(ckpt.recorded_config(workdir))
     family = families.load(config.model.family)
     generator = family.build(config.model)
     model = build_trainable_model(config, family, generator, load_adapter=False)
-    checkpointer = ckpt.TrainCheckpointer(workdir)
-    step = checkpointer.latest_step()
-    if step is None:
-        checkpointer.close()
-        raise ValueError(f"{workdir} holds no complete training checkpoint yet")
-    state, _ = checkpointer.restore(
-        step, ts.init_train_state(model.trainable, optimizer_for_config(config)))
-    checkpointer.close()
-    trained = state.ema_params if config.train.ema else state.params
+    _, trained = ckpt.restore_trained_params(
+        workdir, ts.init_train_state(model.trainable, optimizer_for_config(config)),
+        ema=config.train.ema)
     return config, Model(family, generator, (trained, model.frozen), model.velocity)
 
 
@@ -208,7 +196,7 @@ def resolve(config, checkpoint: str | None, lora: str | None = None
     """(config, model) of a training workdir, of a model folder of config.model's family, or
     of config.model itself; with `lora`, that model with the LoRA adapter at `lora`."""
     if lora is not None:
-        if checkpoint is not None and is_workdir(checkpoint):
+        if checkpoint is not None and ckpt.is_workdir(checkpoint):
             raise ValueError("--lora adds an adapter to a base model: give it a model folder, "
                              "not a training workdir, as --checkpoint")
         if config is None:
@@ -219,7 +207,7 @@ def resolve(config, checkpoint: str | None, lora: str | None = None
         return config, adapter_model(config, lora)
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
-    if checkpoint is not None and is_workdir(checkpoint):
+    if checkpoint is not None and ckpt.is_workdir(checkpoint):
         workdir_config, model = workdir_model(checkpoint)
         return config or workdir_config, model
     if config is None:

@@ -64,12 +64,7 @@ def parse_size(text: str) -> int:
 
 def run_config(workdir: str, fmt: str = "merged"):
     """(config, family) of a training workdir, after checking it can export as `fmt`."""
-    path = os.path.join(workdir, ckpt.CONFIG_FILE)
-    if not os.path.isfile(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise ExportError(f"{workdir} is not a training workdir (no {ckpt.CONFIG_FILE} and "
-                          f"checkpoints/)")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(ckpt.recorded_config(workdir))
     family = families.load(config.model.family)
     if family.torch is None:
         raise ExportError(f"model family {config.model.family!r} has no PyTorch counterpart "
@@ -103,32 +98,14 @@ class Trained:
         generator = self.family.build(config.model, abstract=True)
         model = build_trainable_model(config, self.family, generator, load_adapter=False)
         self.model = generator.model
-        self.step = self._step(workdir, step)
         optimizer = optimizer_for_config(config)
         cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
         abstract = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
             jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), model.trainable))
-        checkpointer = ckpt.TrainCheckpointer(workdir)
-        try:
-            state, _ = checkpointer.restore(self.step, abstract)
-        finally:
-            checkpointer.close()
         self.ema = bool(ema and config.train.ema)
-        self.params = state.ema_params if self.ema else state.params
-
-    @staticmethod
-    def _step(workdir: str, step: int | None) -> int:
-        folder = os.path.join(workdir, "checkpoints")
-        steps = sorted(int(n) for n in os.listdir(folder)
-                       if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
-        if not steps:
-            raise ExportError(f"{workdir} holds no training checkpoint yet")
-        if step is None:
-            return steps[-1]
-        if step not in steps:
-            raise ExportError(f"{workdir} has no checkpoint {step} (saved: {steps})")
-        return step
+        self.step, self.params = ckpt.restore_trained_params(workdir, abstract, step=step,
+                                                             ema=self.ema)
 
     def flat_params(self) -> dict:
         """{Flax path: numpy array} of the trained params."""
