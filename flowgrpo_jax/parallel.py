@@ -33,7 +33,13 @@ REPLICATED_RULES = ((BATCH, (DATA, FSDP)),)
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
     """A (data, fsdp) mesh over `devices` (default: all); one axis may be -1 to take the rest."""
     devices = jax.devices() if devices is None else list(devices)
-    count = len(devices)
+    data, fsdp = mesh_shape(data, fsdp, len(devices))
+    device_grid = np.asarray(devices).reshape(data, fsdp)
+    return jax.sharding.Mesh(device_grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def mesh_shape(data: int, fsdp: int, count: int) -> tuple[int, int]:
+    """The (data, fsdp) sizes of a mesh over `count` devices, -1 resolved to the rest."""
     if data == -1 and fsdp == -1:
         raise ValueError("only one of mesh data / fsdp may be -1")
     # the sizes as given, -1 included, for the error below (not the 0 a misfit -1 becomes)
@@ -46,8 +52,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
         fsdp = count // data if data > 0 and count % data == 0 else 0
     if data < 1 or fsdp < 1 or data * fsdp != count:
         raise ValueError(f"mesh data x fsdp must use all {count} devices exactly, got {asked}{rest}")
-    device_grid = np.asarray(devices).reshape(data, fsdp)
-    return jax.sharding.Mesh(device_grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+    return data, fsdp
 
 
 def _mesh_axes_of(name, rules):

@@ -414,9 +414,7 @@ def advice(result: Plan, config) -> str:
         tips.append("a smaller --config.sample.eval_batch_size")
     if config.model.get("attention", "auto") != "auto":
         tips.append("--config.model.attention=auto")
-    data, fsdp = config.mesh.data, config.mesh.fsdp
-    fsdp = n // data if fsdp == -1 and data > 0 else (n if fsdp == -1 else fsdp)
-    if fsdp < n:
+    if parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, n)[1] < n:
         tips.append(f"--config.mesh.fsdp={n} (shards the model's weights and optimizer state)")
     tips = tips or ["more chips, or chips with more memory"]
     return (f"does not fit: {', '.join(sorted(failing))} over {result.chip_memory / GiB:.2f} GiB "
