@@ -6,11 +6,11 @@ from flowgrpo_jax.families.toy import prompts, scenes, world
 
 def test_render_draws_palette_colours_on_black():
     scene = [world.SceneObject("square", "red", 0.25, 0.25, 0.3),
-             world.SceneObject("circle", "cyan", 0.75, 0.7, 0.3)]
+             world.SceneObject("circle", "blue", 0.75, 0.7, 0.3)]
     image = world.render_scene(scene, 48)
     assert image.shape == (48, 48, 3) and image.dtype == np.uint8
     assert tuple(image[12, 12]) == world.PALETTE["red"]
-    assert tuple(image[34, 36]) == world.PALETTE["cyan"]
+    assert tuple(image[34, 36]) == world.PALETTE["blue"]
     assert tuple(image[2, 46]) == world.BACKGROUND
     assert world.render_scene(scene, 32).shape == (32, 32, 3)
 

@@ -1,15 +1,22 @@
-"""Prompt grammar of the toy world, in GenEval's metadata format, and the shipped prompt files.
+"""Prompt grammar of the toy world, in GenEval's metadata format, and the compositional split.
 
 Every prompt is a dict `{"tag", "include", ["exclude"], "prompt"}` as in GenEval's
 `evaluation_metadata.jsonl`: include clauses `{"class", "count", ["color"], ["position"]}`,
 `position` = [relation, index of the include clause it refers to]; counting prompts exclude
-count + 1. The six templates are GenEval's, over the toy shapes and colours.
+count + 1. The six templates are GenEval's over the toy shapes and colours, counting with an
+optional colour ("a photo of three red rings").
 
-The world is small (5 single-object prompts, 15 counting prompts, ...), so the split holds out
-a seeded share of every tag's distinct prompts for test, and each file then lists the same
-number of lines per tag, cycling through a tag's distinct prompts where it has fewer: a line
-is one sample (like GenEval's several images per prompt), so sample each line with its own
-seed. Regenerate the shipped files with `python -m flowgrpo_jax.families.toy.prompts`.
+The split (`split`, seeded) holds out compositions, not just prompts: 40 of the 60 (shape,
+colour) bindings, 15 of the 30 (count, shape) pairs and 26 of the 45 pairs of shapes (20 for
+two objects, 6 for positions) never occur in a training prompt of any category; a test prompt
+of a category is built from its held-out compositions (`composition`). Single objects have no
+composition to hold out (a shape never trained cannot be drawn), so they are tested on
+training prompts only. The shipped files: train.jsonl (TRAIN_LINES_PER_TAG lines per
+category), test.jsonl (held out, TEST_LINES_PER_TAG per held-out category) and seen.jsonl
+(training prompts, TEST_LINES_PER_TAG per category); a file cycles through a category's
+distinct prompts when it has fewer than its lines, and a line is one sample (like GenEval's
+several images per prompt), so sample each line with its own seed. Regenerate them with
+`python -m flowgrpo_jax.families.toy.prompts`.
 """
 import argparse
 import itertools
@@ -26,7 +33,10 @@ MAX_COUNT = 4
 COUNTING_RANGE = (2, 3, 4)  # GenEval's counting prompts ask for 2..4 objects
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_SEED = 0
-TEST_FRACTION = 0.3
+HELD_OUT_TAGS = TAGS[1:]
+TRAINED_COLORS_PER_SHAPE = 2  # of 6: 40 of the 60 (shape, colour) bindings are held out
+HELD_OUT_COUNT_PAIRS = 15  # of the 30 (count, shape) pairs
+HELD_OUT_PAIRS = {"two_object": 20, "position": 6}  # of the 45 unordered pairs of shapes
 TEST_LINES_PER_TAG = 50
 TRAIN_LINES_PER_TAG = 400
 
@@ -41,10 +51,11 @@ def _two_object(a, b):
             "prompt": f"a photo of a {a} and a {b}"}
 
 
-def _counting(shape, n):
-    return {"tag": "counting", "include": [{"class": shape, "count": n}],
-            "exclude": [{"class": shape, "count": n + 1}],
-            "prompt": f"a photo of {NUMBERS[n]} {PLURALS[shape]}"}
+def _counting(shape, n, color=None):
+    clause = {"class": shape, "count": n} | ({"color": color} if color else {})
+    words = f"{color} {PLURALS[shape]}" if color else PLURALS[shape]
+    return {"tag": "counting", "include": [clause], "exclude": [{"class": shape, "count": n + 1}],
+            "prompt": f"a photo of {NUMBERS[n]} {words}"}
 
 
 def _colors(shape, color):
@@ -74,7 +85,7 @@ def all_prompts(tag: str) -> list[dict]:
     if tag == "two_object":
         return [_two_object(a, b) for a, b in pairs]
     if tag == "counting":
-        return [_counting(s, n) for s in SHAPES for n in COUNTING_RANGE]
+        return [_counting(s, n, c) for s in SHAPES for n in COUNTING_RANGE for c in (None,) + COLORS]
     if tag == "colors":
         return [_colors(s, c) for s in SHAPES for c in COLORS]
     if tag == "position":
@@ -135,29 +146,66 @@ def validate_metadata(metadata: dict) -> None:
         raise ValueError(f"metadata 'prompt' must be a string, got {metadata.get('prompt')!r}")
 
 
-def _spread(prompts: list[dict], order, n: int) -> list[int]:
-    """`n` indices: each time the first one in `order` whose prompt brings the most words not
-    yet taken, so a small test share still asks for every count, colour and relation it can."""
-    words = [set(p["prompt"].split()) for p in prompts]
-    remaining, taken, seen = list(order), [], set()
-    while len(taken) < n:
-        best = max(remaining, key=lambda i: len(words[i] - seen))
-        remaining.remove(best)
-        taken.append(best)
-        seen |= words[best]
-    return taken
+def composition(metadata: dict) -> dict:
+    """What a prompt composes: {"bindings": (shape, colour) pairs, "counts": (count, shape)
+    pairs, "pairs": unordered pairs of shapes drawn together}, each a frozenset."""
+    include = metadata["include"]
+    shapes = sorted({c["class"] for c in include}, key=SHAPES.index)
+    return {"bindings": frozenset((c["class"], c["color"]) for c in include if "color" in c),
+            "counts": frozenset((c["count"], c["class"]) for c in include if c["count"] > 1),
+            "pairs": frozenset({tuple(shapes)} if len(shapes) == 2 else ())}
 
 
-def split(seed: int = DEFAULT_SEED, test_fraction: float = TEST_FRACTION) -> tuple[dict, dict]:
-    """(train, test): per tag, distinct prompts; a seeded `test_fraction` (at least 2) is test."""
-    rng = np.random.default_rng(seed)
+def _held_out(rng: np.random.Generator) -> dict:
+    """The seeded held-out compositions: every shape keeps TRAINED_COLORS_PER_SHAPE colours
+    (each colour trained on 3 or 4 shapes), one or two of its counts and two or more pairs."""
+    shapes, counts = len(SHAPES), len(COUNTING_RANGE)
+    while True:
+        order = np.concatenate([rng.permutation(len(COLORS)) for _ in range(shapes)])
+        trained = order[:TRAINED_COLORS_PER_SHAPE * shapes].reshape(shapes, -1)
+        if all(len(set(row)) == len(row) for row in trained):
+            break
+    bindings = {(s, c) for i, s in enumerate(SHAPES) for j, c in enumerate(COLORS) if j not in trained[i]}
+    while True:
+        held = rng.permutation(shapes * counts)[:HELD_OUT_COUNT_PAIRS]
+        per_shape = np.bincount(held % shapes, minlength=shapes)
+        if per_shape.min() >= 1 and per_shape.max() < counts:
+            break
+    count_pairs = {(COUNTING_RANGE[i // shapes], SHAPES[i % shapes]) for i in held}
+    pairs = list(itertools.combinations(SHAPES, 2))
+    while True:
+        order = [pairs[i] for i in rng.permutation(len(pairs))]
+        trained_pairs = order[sum(HELD_OUT_PAIRS.values()):]
+        if min(sum(s in p for p in trained_pairs) for s in SHAPES) >= 2:
+            break
+    two = HELD_OUT_PAIRS["two_object"]
+    return {"bindings": bindings, "counts": count_pairs,
+            "pairs": {"two_object": set(order[:two]), "position": set(order[two:len(order) - len(trained_pairs)])}}
+
+
+def split(seed: int = DEFAULT_SEED) -> tuple[dict, dict]:
+    """(train, test): per tag, distinct prompts. A prompt trains when none of its compositions
+    is held out; it tests its tag when its tag's composition is held out and nothing else is
+    (bindings for colours and colour attribution, (count, shape) for counting, the pair of
+    shapes for two objects and positions)."""
+    held = _held_out(np.random.default_rng(seed))
+    all_pairs = held["pairs"]["two_object"] | held["pairs"]["position"]
+    tested = {"two_object": ("pairs", held["pairs"]["two_object"]), "counting": ("counts", held["counts"]),
+              "colors": ("bindings", held["bindings"]), "position": ("pairs", held["pairs"]["position"]),
+              "color_attr": ("bindings", held["bindings"])}
     train, test = {}, {}
     for tag in TAGS:
-        prompts = all_prompts(tag)
-        n_test = min(TEST_LINES_PER_TAG, max(2, round(test_fraction * len(prompts))))
-        held_out = _spread(prompts, rng.permutation(len(prompts)), n_test)
-        test[tag] = [prompts[i] for i in held_out]
-        train[tag] = [p for i, p in enumerate(prompts) if i not in set(held_out)]
+        train[tag], test[tag] = [], []
+        for p in all_prompts(tag):
+            parts = composition(p)
+            leaks = {"bindings": parts["bindings"] & held["bindings"],
+                     "counts": parts["counts"] & held["counts"], "pairs": parts["pairs"] & all_pairs}
+            if not any(leaks.values()):
+                train[tag].append(p)
+            elif tag in tested:
+                kind, wanted = tested[tag]
+                if parts[kind] and parts[kind] <= wanted and all(not v for k, v in leaks.items() if k != kind):
+                    test[tag].append(p)
     return train, test
 
 
@@ -166,7 +214,7 @@ def balanced_lines(by_tag: dict, lines_per_tag: int, seed: int) -> list[dict]:
     cap below a tag's size still samples it evenly), then all lines shuffled."""
     rng = np.random.default_rng(seed)
     lines = []
-    for tag in TAGS:
+    for tag in by_tag:
         shuffled = [by_tag[tag][i] for i in rng.permutation(len(by_tag[tag]))]
         lines += itertools.islice(itertools.cycle(shuffled), lines_per_tag)
     return [lines[i] for i in rng.permutation(len(lines))]
@@ -195,12 +243,14 @@ def load_metadata(path) -> list[dict]:
 
 
 def write_prompt_files(out_dir=DATA_DIR, seed: int = DEFAULT_SEED) -> None:
-    """Writes train.jsonl and test.jsonl; the same seed gives byte-identical files."""
+    """Writes train.jsonl, test.jsonl and seen.jsonl; the same seed gives byte-identical files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, test = split(seed)
     write_jsonl(out_dir / "train.jsonl", balanced_lines(train, TRAIN_LINES_PER_TAG, seed + 1))
-    write_jsonl(out_dir / "test.jsonl", balanced_lines(test, TEST_LINES_PER_TAG, seed + 2))
+    write_jsonl(out_dir / "test.jsonl",
+                balanced_lines({t: test[t] for t in HELD_OUT_TAGS}, TEST_LINES_PER_TAG, seed + 2))
+    write_jsonl(out_dir / "seen.jsonl", balanced_lines(train, TEST_LINES_PER_TAG, seed + 3))
 
 
 def main(argv=None) -> None:

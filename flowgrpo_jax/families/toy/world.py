@@ -10,17 +10,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "frame", "arrow", "hourglass",
+          "heart")
 PLURALS = {shape: shape + ("es" if shape.endswith("s") else "s") for shape in SHAPES}
 
-# Saturated colours with hues 47 to 79 degrees apart, plus white: a checker tells them apart by hue.
+# Five saturated colours at hues 356, 66, 136, 212 and 284 degrees (70 to 76 apart, so a hue
+# shifted by 30 degrees is still nearest its own colour), plus white.
 PALETTE = {
-    "red": (230, 40, 40),
-    "yellow": (235, 215, 40),
-    "green": (40, 200, 60),
-    "cyan": (40, 205, 215),
-    "blue": (50, 80, 240),
-    "purple": (175, 60, 230),
+    "red": (235, 40, 53),
+    "yellow": (216, 235, 40),
+    "green": (40, 235, 92),
+    "blue": (40, 131, 235),
+    "purple": (183, 40, 235),
     "white": (235, 235, 235),
 }
 COLORS = tuple(PALETTE)
@@ -33,7 +34,9 @@ POSITION_THRESHOLD = 0.1
 # 48, not 32: at 32 px circles, diamonds and crosses blur into each other (checker strict
 # accuracy 0.92 on sharp renders at 32 px, 1.0 at 48 px).
 DEFAULT_IMAGE_SIZE = 48
-CROSS_ARM = 1 / 3  # arm width of the cross, as a fraction of its box
+CROSS_ARM = 1 / 3  # arm width of the cross and stem width of the arrow, fractions of the box
+HOLE = 1 / 2  # side of the hole in a ring or a frame, as a fraction of the box
+WAIST = 1 / 6  # width of the hourglass at its middle, as a fraction of the box
 _SUPERSAMPLE = 4
 
 
@@ -66,6 +69,24 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
         arm = (x1 - x0) * CROSS_ARM / 2
         draw.rectangle((xm - arm, y0, xm + arm, y1), fill=fill)
         draw.rectangle((x0, ym - arm, x1, ym + arm), fill=fill)
+    elif shape in ("ring", "frame"):
+        inset = (x1 - x0) * (1 - HOLE) / 2
+        outline = draw.ellipse if shape == "ring" else draw.rectangle
+        outline(box, fill=fill)
+        outline((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=BACKGROUND)
+    elif shape == "arrow":  # pointing up: a triangular head over a stem
+        stem = (x1 - x0) * CROSS_ARM / 2
+        draw.polygon([(xm, y0), (x1, ym), (x0, ym)], fill=fill)
+        draw.rectangle((xm - stem, ym, xm + stem, y1), fill=fill)
+    elif shape == "hourglass":
+        waist = (x1 - x0) * WAIST / 2
+        draw.polygon([(x0, y0), (x1, y0), (xm + waist, ym), (x1, y1), (x0, y1), (xm - waist, ym)],
+                     fill=fill)
+    elif shape == "heart":  # two discs over a downward triangle
+        r = (x1 - x0) / 4
+        draw.ellipse((x0, y0, xm, y0 + 2 * r), fill=fill)
+        draw.ellipse((xm, y0, x1, y0 + 2 * r), fill=fill)
+        draw.polygon([(x0 + 0.15 * r, y0 + 1.4 * r), (x1 - 0.15 * r, y0 + 1.4 * r), (xm, y1)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
