@@ -1,11 +1,16 @@
 """GenEval-style checker of toy-world images: detect the objects, score a prompt's metadata.
 
-Detection: each pixel bright enough to be foreground gets the palette colour of nearest hue
-(white when unsaturated), or "unknown" when no palette hue is near or the pixel is greyish;
-connected components of one label are objects; components smaller than MIN_AREA_FRACTION of
-the image are ignored; the shape is that of the nearest example in a bank of synthesised
-renders (see shape_classifier), or none when the component resembles none of them. Objects of
-a class are ranked by area, our stand-in for a detector's confidence.
+Detection (`segment`, `detect_batch`): the brightest channel is lightly smoothed; a pixel is
+foreground when that brightness exceeds FOREGROUND_MIN and LOCAL_FRACTION of the peak
+brightness within about an object's side, so dim objects segment as well as bright ones and
+no per-pixel colour decides anything. Foreground pixels form 8-connected components;
+components under MIN_AREA_FRACTION of the image are ignored. A component whose pixels hold
+two palette colours (two touching objects) is split by 2-means on the pixels' chroma. An
+object's colour is that of its brightness-weighted mean colour: white when unsaturated, else
+the palette colour of nearest hue, or None when that colour is ambiguous (saturation between
+white and colour, or a hue within AMBIGUOUS_HUE of halfway between two palette hues). Its
+shape comes from `shape_classifier` (None: no shape of the world). Objects of a class are
+ranked by area, our stand-in for a detector's confidence.
 
 Scoring follows GenEval's evaluate() for `strict` (include clauses need at least `count`
 objects of the class, colour and position checked on the top-ranked `count` of them; an
@@ -24,16 +29,23 @@ from flowgrpo_jax.families.toy import shape_classifier
 from flowgrpo_jax.families.toy.prompts import validate_metadata
 from flowgrpo_jax.families.toy.world import COLORS, PALETTE, relations
 
-FOREGROUND_THRESHOLD = 100  # max channel; a palette colour at about 40% coverage
-# Colours by HSV hue (a blend with black keeps hue and saturation): palette hues lie 47 to 79
-# degrees apart, palette saturations are >= 0.74; white is the one unsaturated colour.
-HUE_TOLERANCE = 20.0
-MIN_SATURATION = 0.4
+SMOOTHING = 0.7  # Gaussian sigma of the brightness, pixels: averages out pixel noise
+FOREGROUND_MIN = 40.0  # smoothed brightness; background noise stays below it
+LOCAL_FRACTION = 0.45  # of the local peak brightness: the edge of an object at any brightness
+PEAK_WINDOW_FRACTION = 0.27  # side of the local-peak window, fraction of the image side
+MIN_AREA_FRACTION = 0.012  # of the image area; the smallest rendered object is about 0.02
+# Colour of a mean colour: palette saturations are 0.83 and a 50% blend toward white keeps
+# 0.41; palette hues lie 70 to 76 degrees apart, so a hue shifted by 30 is still named.
 WHITE_MAX_SATURATION = 0.2
-MIN_AREA_FRACTION = 0.012  # of the image area; the smallest rendered object is about 0.04
-_UNKNOWN = len(COLORS)  # label of foreground pixels of no palette colour
+MIN_SATURATION = 0.3
+AMBIGUOUS_HUE = 4.0  # degrees from halfway between the two nearest palette hues
+SPLIT_MIN_VARIANCE = 0.02  # chroma variance above which a component is tried for a split
+# Chroma distance the two colours of a split need: palette colours lie 0.66 or more apart
+# (0.33 at a 50% blend toward white); 2-means halves of one noisy object lie closer.
+SPLIT_MIN_DISTANCE = 0.3
+_KMEANS_STEPS = 6
 _CHROMATIC = tuple(c for c in COLORS if c != "white")
-# 8-connected in space, never across images or colour planes.
+# 8-connected in space, never across images.
 _STRUCTURE = np.zeros((3, 3, 3), bool)
 _STRUCTURE[1] = True
 
@@ -41,7 +53,7 @@ _STRUCTURE[1] = True
 @dataclass(frozen=True)
 class Detection:
     shape: str | None  # None: no shape of the world
-    color: str | None  # None: not near any palette colour
+    color: str | None  # None: not clearly any palette colour
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
     area: int
 
@@ -56,9 +68,9 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def _hue_saturation(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HSV hue in degrees [0, 360) and saturation of uint8 (M, 3) pixels."""
-    x = pixels.astype(np.float32)
+def _hue_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV hue in degrees [0, 360) and saturation of (M, 3) colours."""
+    x = np.asarray(rgb, np.float64)
     high, low = x.max(-1), x.min(-1)
     spread = np.maximum(high - low, 1e-6)
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
@@ -67,50 +79,129 @@ def _hue_saturation(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (60 * hue) % 360, (high - low) / np.maximum(high, 1e-6)
 
 
-_HUES, _ = _hue_saturation(np.array([PALETTE[c] for c in _CHROMATIC], np.uint8))
+_HUES, _ = _hue_saturation(np.array([PALETTE[c] for c in _CHROMATIC]))
 
 
-def _colour_labels(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) index into COLORS per pixel; -1 background, _UNKNOWN foreground of no colour."""
-    pixels = images.reshape(-1, 3)
-    labels = np.full(len(pixels), -1, np.int64)
-    foreground = np.flatnonzero(pixels.max(axis=-1) >= FOREGROUND_THRESHOLD)
-    hue, saturation = _hue_saturation(pixels[foreground])
-    gap = np.abs((hue[:, None] - _HUES + 180) % 360 - 180)  # circular distance to each hue
-    nearest = gap.argmin(-1)
-    colour = np.array([COLORS.index(c) for c in _CHROMATIC])[nearest]
-    colour[(saturation < MIN_SATURATION) | (gap.min(-1) > HUE_TOLERANCE)] = _UNKNOWN
-    colour[saturation <= WHITE_MAX_SATURATION] = COLORS.index("white")
-    labels[foreground] = colour
-    return labels.reshape(images.shape[:-1])
+def colour_names(rgb: np.ndarray) -> list[str | None]:
+    """Palette colour of each (M, 3) mean colour, None where it is ambiguous."""
+    hue, saturation = _hue_saturation(rgb)
+    distance = np.abs((hue[:, None] - _HUES + 180) % 360 - 180)  # circular, degrees
+    gap, nearest = np.sort(distance, axis=1), distance.argmin(axis=1)
+    names = []
+    for s, (d1, d2), i in zip(saturation, gap[:, :2], nearest):
+        if s < WHITE_MAX_SATURATION:
+            names.append("white")
+        elif s < MIN_SATURATION or (d2 - d1) / 2 < AMBIGUOUS_HUE:
+            names.append(None)
+        else:
+            names.append(_CHROMATIC[i])
+    return names
+
+
+def _chroma(pixels: np.ndarray) -> np.ndarray:
+    """(M, 3) colour less its grey part, over its brightness: the same along a blend to black."""
+    return (pixels - pixels.mean(-1, keepdims=True)) / np.maximum(pixels.max(-1, keepdims=True), 1.0)
+
+
+def _split(images, smooth, components, label, min_area) -> list[int]:
+    """Splits component `label` in place when 2-means finds two distinct, differently named
+    colours in it; returns the labels of the pieces (new ones from components.max() + 1), or [label]."""
+    where = np.flatnonzero(components.ravel() == label)
+    pixels = images.reshape(-1, 3)[where].astype(np.float64)
+    chroma, weight = _chroma(pixels), smooth.ravel()[where] ** 2
+    centres = chroma[[np.argmax(np.square(chroma - chroma.mean(0)).sum(1))]]
+    centres = np.concatenate([centres, chroma[[np.argmax(np.square(chroma - centres[0]).sum(1))]]])
+    for _ in range(_KMEANS_STEPS):
+        side = np.square(chroma[:, None] - centres[None]).sum(-1).argmin(1)
+        if side.min() == side.max():
+            return [label]
+        centres = np.stack([np.average(chroma[side == j], 0, weight[side == j]) for j in (0, 1)])
+    if np.linalg.norm(centres[0] - centres[1]) < SPLIT_MIN_DISTANCE:
+        return [label]
+    means = np.stack([np.average(pixels[side == j], 0, smooth.ravel()[where][side == j]) for j in (0, 1)])
+    names = colour_names(means)
+    if names[0] == names[1] or None in names:
+        return [label]
+    flat = components.reshape(-1)
+    flat[where] = 0
+    pieces = []
+    n, h, w = components.shape
+    for j in (0, 1):
+        mask = np.zeros(n * h * w, bool)
+        mask[where[side == j]] = True
+        parts, count = ndimage.label(mask.reshape(components.shape), structure=_STRUCTURE)
+        sizes = np.bincount(parts.ravel())
+        for p in range(1, count + 1):
+            if sizes[p] >= min_area:
+                new = components.max() + 1
+                flat[parts.ravel() == p] = new
+                pieces.append(new)
+    return pieces
+
+
+def segment(images: np.ndarray):
+    """Objects of a uint8 (N, H, W, 3) batch as (soft (N, H, W) mask values, components
+    (N, H, W) labels, image of each object (K,), label of each object (K,))."""
+    n, h, w, _ = images.shape
+    smooth = ndimage.gaussian_filter(images.max(-1).astype(np.float32), (0, SMOOTHING, SMOOTHING))
+    window = max(3, int(round(PEAK_WINDOW_FRACTION * max(h, w))) | 1)
+    peak = ndimage.maximum_filter(smooth, (1, window, window))
+    foreground = (smooth > FOREGROUND_MIN) & (smooth > LOCAL_FRACTION * peak)
+    components, count = ndimage.label(foreground, structure=_STRUCTURE)
+    min_area = MIN_AREA_FRACTION * h * w
+    labels = components.ravel()
+    on = np.flatnonzero(labels)
+    areas = np.bincount(labels[on], minlength=count + 1)
+    # Chroma variance per component, brightness-weighted: high only where colours mix.
+    chroma, weight = _chroma(images.reshape(-1, 3)[on].astype(np.float32)), smooth.ravel()[on] ** 2
+    total = np.maximum(np.bincount(labels[on], weight, count + 1), 1e-9)
+    mean = np.stack([np.bincount(labels[on], weight * c, count + 1) for c in chroma.T], 1) / total[:, None]
+    variance = np.bincount(labels[on], weight * np.square(chroma).sum(1), count + 1) / total
+    variance -= np.square(mean).sum(1)
+    index = []
+    for label in np.flatnonzero(areas >= min_area):
+        if variance[label] > SPLIT_MIN_VARIANCE:
+            index.extend(_split(images, smooth, components, label, min_area))
+        else:
+            index.append(label)
+    index = np.array(index, np.int64)
+    # An object's level: the mean over its pixels of the local peak, about its brightest.
+    labels = components.ravel()
+    on = np.flatnonzero(labels)
+    size = components.max() + 1
+    level = np.zeros(size)
+    level[index] = (np.bincount(labels[on], peak.ravel()[on], size)
+                    / np.maximum(np.bincount(labels[on], minlength=size), 1))[index]
+    soft = np.minimum(smooth / np.maximum(level[components], 1e-6), 1.0) * (level[components] > 0)
+    planes = ndimage.find_objects(components)
+    image_of = np.array([planes[label - 1][0].start for label in index], np.int64)
+    return soft.astype(np.float32), components, image_of, index
 
 
 def detect_batch(images: np.ndarray) -> list[list[Detection]]:
     """Objects found in each image of a uint8 (N, H, W, 3) batch, largest first."""
     images = _check_images(images)
     n, h, w, _ = images.shape
-    labels = _colour_labels(images)
-    onehot = labels[:, None] == np.arange(_UNKNOWN + 1)[None, :, None, None]
-    image_of, colour_of = np.nonzero(onehot.any(axis=(2, 3)))  # label only planes in use
-    if not len(image_of):
+    soft, components, image_of, index = segment(images)
+    if not len(index):
         return [[] for _ in range(n)]
-    components, _ = ndimage.label(onehot[image_of, colour_of], structure=_STRUCTURE)
-    areas = np.bincount(components.ravel())
-    min_area = MIN_AREA_FRACTION * h * w
-    kept, masks = [], []
-    for index, where in enumerate(ndimage.find_objects(components), start=1):
-        if where is None or areas[index] < min_area:
-            continue
-        plane, ys, xs = where
-        kept.append((index, plane.start, ys, xs))
-        masks.append(components[plane.start, ys, xs] == index)
-    shapes = shape_classifier.classify(masks, h, FOREGROUND_THRESHOLD)
+    shapes = shape_classifier.classify(
+        shape_classifier.features(soft, components, image_of, index), h)
+    # Brightness-weighted mean colour of each object.
+    labels = components.ravel()
+    on = np.flatnonzero(labels)
+    pixels = images.reshape(-1, 3)[on].astype(np.float64)
+    brightness, size = pixels.max(-1), components.max() + 1
+    mean = np.stack([np.bincount(labels[on], brightness * c, size)[index] for c in pixels.T], 1)
+    mean /= np.bincount(labels[on], brightness, size)[index, None]
+    colours = colour_names(mean)
+    areas = np.bincount(labels[on], minlength=size)
+    planes = ndimage.find_objects(components)
     found = [[] for _ in range(n)]
-    for (index, plane, ys, xs), shape in zip(kept, shapes):
-        colour = colour_of[plane]
-        found[image_of[plane]].append(Detection(
-            shape=shape, color=COLORS[colour] if colour < _UNKNOWN else None,
-            box=(xs.start, ys.start, xs.stop, ys.stop), area=int(areas[index])))
+    for i, label, shape, colour in zip(image_of, index, shapes, colours):
+        _, ys, xs = planes[label - 1]
+        found[i].append(Detection(shape=shape, color=colour, box=(xs.start, ys.start, xs.stop, ys.stop),
+                                  area=int(areas[label])))
     return [sorted(d, key=lambda det: -det.area) for d in found]
 
 
