@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgrpo_jax.demo import grid_rows, table
+from flowgrpo_jax.demo import PROMPT_SETS, grid_rows, table
 from train_runs import ROOT, make_tiny_model, train_env
 
-TEST_PROMPTS = 24
+TEST_PROMPTS = 24  # of each prompt set
 
 
 def run_demo(workdir, model, *extra):
@@ -29,20 +29,26 @@ def test_demo_writes_table_figures_and_results(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "demo"
     results = json.loads((out / "results.json").read_text())
-    base, trained = results["base"], results["trained"]
-    tags = sorted({row["tag"] for row in base["per_prompt"]})
-    assert len(base["per_prompt"]) == TEST_PROMPTS and sorted(trained["per_tag"]) == tags
-    for summary in (base, trained):
-        assert summary["strict"] == pytest.approx(np.mean([row["strict"] for row in summary["per_prompt"]]))
-    for tag in tags:  # the printed table holds every category's numbers
-        assert any(line.startswith(tag) for line in result.stdout.splitlines())
-    assert "overall" in result.stdout
+    assert set(PROMPT_SETS) <= set(results)
+    printed = result.stdout.split(PROMPT_SETS["seen"][0])
+    assert len(printed) == 2 and PROMPT_SETS["held_out"][0] in printed[0]
+    for name, table_text in zip(("held_out", "seen"), printed):
+        base, trained = results[name]["base"], results[name]["trained"]
+        tags = sorted({row["tag"] for row in base["per_prompt"]})
+        assert len(base["per_prompt"]) == TEST_PROMPTS and sorted(trained["per_tag"]) == tags
+        for summary in (base, trained):
+            assert summary["strict"] == pytest.approx(np.mean([row["strict"] for row in summary["per_prompt"]]))
+        for tag in tags:  # each printed table holds every category's numbers
+            assert any(line.startswith(tag) for line in table_text.splitlines())
+        assert "overall" in table_text
+        assert (out / PROMPT_SETS[name][1]).exists()
+    assert "single_object" in {row["tag"] for row in results["seen"]["base"]["per_prompt"]}
     epochs = [h["epoch"] for h in results["history"] if "reward/total_mean" in h]
     evals = [h["epoch"] for h in results["history"] if "eval/reward_mean" in h]
     assert epochs == [0, 1] and evals == [0, 1, 2]
     assert set(results["seconds"]) == {"eval_base_s", "train_s", "eval_trained_s", "total_s"}
 
-    rows = len(grid_rows(base["per_prompt"], 2))
+    rows = len(grid_rows(results["held_out"]["base"]["per_prompt"], 2))
     size = 16  # the tiny model's images; grids hold 4 seeds per prompt
     grids = [np.asarray(Image.open(out / name)) for name in ("grid_base.png", "grid_trained.png")]
     assert grids[0].shape == grids[1].shape == (rows * size, 4 * size, 3)
