@@ -3,12 +3,12 @@
     python -m flowgrpo_jax.train --config configs/toy_geneval.py --workdir runs/toy
     python -m flowgrpo_jax.demo                      # base eval + this run + trained eval + figures
 
-The shipped base checkpoint (flowgrpo_jax/families/toy/checkpoint/, strict test accuracy 0.359
-at 4 images per prompt) with the mean of the toy checker's strict and exact scores
-(`toy_geneval`, score "strict+exact") as the reward, served by the local reward process; 150
-epochs of 16 prompts x 8 images with the SDE in a 2-step window. Should reach: strict test
-accuracy 0.618 on the demo's training seed, +22.6 points on average over eight training seeds
-(docs/demo.md: the measured results and the reasons for each setting).
+The shipped base checkpoint (flowgrpo_jax/families/toy/checkpoint/, strict accuracy 0.388 on
+the held-out test file and 0.658 on seen prompts, 4 images per line) with the mean of the toy
+checker's strict and exact scores (`toy_geneval`, score "strict+exact") as the reward, served
+by the local reward process; 150 epochs of 16 prompts x 8 images with the SDE in a 2-step
+window. Measured on training seed 0: 0.456 held out, 0.737 seen (docs/demo.md: the results
+and the reasons for each setting).
 
 Variant ":tiny" (2 epochs of 16 images, 4 steps): what the tests run, with
 `--config.model.path` pointing at a tiny random toy model.
