@@ -173,14 +173,13 @@ def _held_out(rng: np.random.Generator) -> dict:
             break
     count_pairs = {(COUNTING_RANGE[i // shapes], SHAPES[i % shapes]) for i in held}
     pairs = list(itertools.combinations(SHAPES, 2))
+    two, held = HELD_OUT_PAIRS["two_object"], sum(HELD_OUT_PAIRS.values())
     while True:
         order = [pairs[i] for i in rng.permutation(len(pairs))]
-        trained_pairs = order[sum(HELD_OUT_PAIRS.values()):]
-        if min(sum(s in p for p in trained_pairs) for s in SHAPES) >= 2:
+        if min(sum(s in p for p in order[held:]) for s in SHAPES) >= 2:
             break
-    two = HELD_OUT_PAIRS["two_object"]
     return {"bindings": bindings, "counts": count_pairs,
-            "pairs": {"two_object": set(order[:two]), "position": set(order[two:len(order) - len(trained_pairs)])}}
+            "pairs": {"two_object": set(order[:two]), "position": set(order[two:held])}}
 
 
 def split(seed: int = DEFAULT_SEED) -> tuple[dict, dict]:
