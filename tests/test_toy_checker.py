@@ -69,9 +69,11 @@ def test_checker_scores_a_thousand_images_a_second():
     images = np.stack([robustness.corrupt(im, "noise", rng) for im, _ in drawn])
     metadata = [m for _, m in drawn]
     checker.score_batch(images[:1], metadata[:1])  # builds the shape bank outside the timing
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: the suite's other worker (or any other job)
+    # sharing the cores would otherwise set the rate
+    start = time.process_time()
     checker.score_batch(images, metadata)
-    rate = len(images) / (time.perf_counter() - start)
+    rate = len(images) / (time.process_time() - start)
     print(f"{rate:.0f} images/s")
     assert rate >= 1000
 
