@@ -7,8 +7,8 @@ The shipped base checkpoint (flowgrpo_jax/families/toy/checkpoint/, strict accur
 the held-out test file and 0.658 on seen prompts, 4 images per line) with the mean of the toy
 checker's strict and exact scores (`toy_geneval`, score "strict+exact") as the reward, served
 by the local reward process; 150 epochs of 16 prompts x 8 images with the SDE in a 2-step
-window. Measured on training seed 0: 0.456 held out, 0.737 seen (docs/demo.md: the results
-and the reasons for each setting).
+window. Measured on training seed 0: 0.456 held out, 0.737 seen; over seeds 0-3 0.426 and
+0.721 on average (docs/demo.md: the results and the reasons for each setting).
 
 Variant ":tiny" (2 epochs of 16 images, 4 steps): what the tests run, with
 `--config.model.path` pointing at a tiny random toy model.
