@@ -1,4 +1,8 @@
-"""Test ordering for make test's two pytest-xdist workers."""
+"""Test ordering for make test's two pytest-xdist workers, and the compilation cache they share."""
+import os
+
+import jax
+import pytest
 
 # The longest files run first, so the two workers do not end with one of them compiling for a
 # TPU alone while the other has nothing left.
@@ -8,3 +12,20 @@ LONGEST_FIRST = ("test_tpu_compile.py", "test_train_distributed.py", "test_paral
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent JAX compilation cache for the run: its workers and every process a test
+    starts (they inherit the environment) compile the tiny configs' programs once, not once a
+    process. It lives in pytest's temporary folder of this run."""
+    run_folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_folder = run_folder.parent  # shared by the workers
+    settings = {"JAX_COMPILATION_CACHE_DIR": str(run_folder / "jax_compilation_cache"),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    os.environ.update(settings)
+    jax.config.update("jax_compilation_cache_dir", settings["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
