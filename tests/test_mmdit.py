@@ -16,6 +16,7 @@ from diffusers import SD3Transformer2DModel
 from flax import nnx
 
 from flowgrpo_jax.convert.core import ConversionError, convert, plan, target_shapes
+from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.models.mmdit_table import RULES
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
 from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
@@ -48,8 +49,8 @@ def _convert(reference: SD3Transformer2DModel, dtype=jnp.float32, param_dtype=jn
              **options) -> MMDiT:
     """The reference's weights in an MMDiT, via the table (shapes first: no random init)."""
     config = MMDiTConfig.from_diffusers(dict(reference.config), **options)
-    abstract = nnx.eval_shape(
-        lambda: MMDiT(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    abstract = abstract_module(
+        lambda rngs: MMDiT(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
     tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
     flat = convert(tensors, RULES, target_shapes(abstract))
     graphdef, params = nnx.split(abstract, nnx.Param)
@@ -162,9 +163,9 @@ def _sd35m_diffusers_config() -> dict:
 
 @pytest.fixture(scope="module")
 def sd35m_abstract() -> MMDiT:
-    """The full-size SD3.5-Medium model as shapes only (tracing it takes seconds: share it)."""
+    """The full-size SD3.5-Medium model as shapes only, shared by the tests here."""
     config = MMDiTConfig.from_diffusers(_sd35m_diffusers_config())
-    return nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16))
+    return abstract_module(lambda rngs: MMDiT(config, rngs=rngs, param_dtype=jnp.bfloat16))
 
 
 def test_sd35_medium_parameter_count(sd35m_abstract):
@@ -191,14 +192,14 @@ def test_conversion_rejects_a_checkpoint_of_another_config():
     config, _, _ = CASES["sd3"]
     tensors = {k: v.numpy() for k, v in _reference(config).state_dict().items()}
     sd35 = MMDiTConfig.from_diffusers(CASES["sd35"][0])
-    target = target_shapes(nnx.eval_shape(lambda: MMDiT(sd35, rngs=nnx.Rngs(0))))
+    target = target_shapes(abstract_module(lambda rngs: MMDiT(sd35, rngs=rngs)))
     with pytest.raises(ConversionError, match="attn2.to_q.kernel"):
         convert(tensors, RULES, target)
 
 
 def test_every_parameter_has_logical_axes():
     config = MMDiTConfig.from_diffusers(CASES["sd35"][0])
-    model = nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0)))
+    model = abstract_module(lambda rngs: MMDiT(config, rngs=rngs))
     specs = dict(nnx.to_flat_state(nnx.get_partition_spec(nnx.state(model, nnx.Param))))
     shapes = target_shapes(model)
     assert specs.keys() == shapes.keys()
@@ -229,7 +230,7 @@ def test_config_from_diffusers_reads_sd3_and_rejects_bad_configs():
 
 def test_bad_latent_sizes_are_named():
     config = MMDiTConfig.from_diffusers(TINY)
-    model = nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0)))  # shapes are all it checks
+    model = abstract_module(lambda rngs: MMDiT(config, rngs=rngs))  # shapes are all it checks
     text, pooled, t = jnp.zeros((1, 3, 20)), jnp.zeros((1, 12)), jnp.zeros((1,))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model(jnp.zeros((1, 7, 6, 4)), t, text, pooled)

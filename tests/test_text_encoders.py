@@ -16,6 +16,7 @@ from flax import nnx
 from transformers.models.t5.modeling_t5 import T5Attention as TorchT5Attention
 
 from flowgrpo_jax.models import clip_table, t5_table
+from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.convert.core import convert, plan, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.models.clip_text import CLIPTextConfig, CLIPTextModelWithProjection
@@ -159,7 +160,7 @@ def test_sd35_medium_shapes_and_parameter_counts(name, reference_class, ours, pa
                     else transformers.CLIPTextConfig)
     with torch.device("meta"):
         reference = getattr(transformers, reference_class)(config_class(**config))
-    abstract = nnx.eval_shape(lambda: ours(parse(config), rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: ours(parse(config), rngs=rngs))
 
     theirs = sum(p.numel() for p in reference.parameters())  # tied embeddings counted once
     assert parameter_count(abstract) == theirs == recorded

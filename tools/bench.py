@@ -51,6 +51,7 @@ from flowgrpo_jax.convert.core import convert, target_shapes
 from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
 from flowgrpo_jax.generator import nnx_velocity
 from flowgrpo_jax.grpo.loss import grpo_loss
+from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from flowgrpo_jax.models.mmdit import TRAINABLE, MMDiT, MMDiTConfig
 from flowgrpo_jax.models.mmdit_table import RULES
@@ -157,8 +158,8 @@ def apply_mmdit(model, x, t, text):
 
 def abstract_mmdit(model_config: dict, dtype: str, attention: str, remat: str) -> MMDiT:
     config = MMDiTConfig.from_diffusers(model_config, attention_impl=attention, remat=remat)
-    return nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0), dtype=JAX_DTYPES[dtype],
-                                        param_dtype=JAX_DTYPES[dtype]))
+    return abstract_module(lambda rngs: MMDiT(config, rngs=rngs, dtype=JAX_DTYPES[dtype],
+                                              param_dtype=JAX_DTYPES[dtype]))
 
 
 def to_jax(torch_model, dtype: str, attention: str, remat: str):

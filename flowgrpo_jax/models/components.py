@@ -9,6 +9,7 @@ from flax import nnx
 
 from flowgrpo_jax.convert import hub
 from flowgrpo_jax.convert.store import load_params, read_component_info
+from flowgrpo_jax.models.abstract import abstract_module
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class Component:
     def abstract_model(self, config: dict, param_dtype=jnp.float32, dtype=None,
                        options=None) -> nnx.Module:
         cls, cfg = self._get(self.model), self.parse_config(config, options)
-        return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
-                                          dtype=dtype or param_dtype))
+        return abstract_module(lambda rngs: cls(cfg, rngs=rngs, param_dtype=param_dtype,
+                                                dtype=dtype or param_dtype))
 
 
 COMPONENTS = (

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.models.mmdit import MMDiT, MMDiTConfig
 from flowgrpo_jax.families.toy.text import DEFAULT_MAX_LENGTH, TextEncoder, Tokenizer
 from flowgrpo_jax.families.toy.world import DEFAULT_IMAGE_SIZE
@@ -143,7 +144,7 @@ def read_config(folder: str) -> ToyModelConfig:
 def abstract(folder: str = SHIPPED, remat: str = "none") -> ToyModel:
     """The model stored in `folder` as shapes only (nnx.eval_shape), no weights read."""
     config = read_config(folder)
-    return nnx.eval_shape(lambda: ToyModel(config, rngs=nnx.Rngs(0), remat=remat))
+    return abstract_module(lambda rngs: ToyModel(config, rngs=rngs, remat=remat))
 
 
 def load(folder: str = SHIPPED, remat: str = "none") -> ToyModel:
