@@ -1,6 +1,7 @@
 """The reward server under hostile clients: memory, deadlines, connection limit, malformed
 requests, non-finite scores, the token, the start-up checks and stale work folders."""
 
+import http.client
 import json
 import os
 import re
@@ -391,6 +392,37 @@ def test_binding_beyond_loopback_warns(tmp_path):
         process.stderr.close()
     assert "listening on 0.0.0.0, beyond loopback" in log and "no --token given" in log
 
+
+
+def test_ctrl_c_amid_connections_stops_the_server_cleanly(tmp_path):
+    """SIGINT while eight clients keep connecting: exit 0, no traceback, within 10 s (a
+    KeyboardInterrupt raised inside the accept loop freed a connection's slot twice)."""
+    for run in range(4):
+        process, url = start_server(tmp_path, "--rewards", "mean_pixel", name=f"server{run}")
+        stopping = threading.Event()
+
+        def connect_until_stopped():
+            while not stopping.is_set():
+                try:
+                    request(url, "GET", "/health")
+                except (OSError, http.client.HTTPException, ValueError):
+                    pass  # refused, reset or cut short while the server stops
+
+        clients = [threading.Thread(target=connect_until_stopped) for _ in range(8)]
+        for client in clients:
+            client.start()
+        try:
+            time.sleep(0.5)
+            process.send_signal(signal.SIGINT)
+            code = process.wait(timeout=10)
+        finally:
+            stopping.set()
+            for client in clients:
+                client.join()
+            process.kill()  # a no-op once it has exited; its log can then be read to the end
+            log = process.stderr.read().decode()
+            stop(process)
+        assert code == 0 and "Traceback" not in log, log
 
 @pytest.mark.parametrize("args, message", [
     (["--rewards", "mean_pixel", "--option", "mean_pixel.y=1"],

@@ -25,6 +25,7 @@ import logging
 import os
 import pathlib
 import re
+import signal
 import socket
 import sys
 import threading
@@ -382,6 +383,7 @@ def main(argv=None) -> None:
         server = RewardHTTPServer((args.host, args.port), service, weights, limits, args.token)
     except OSError as e:
         parser.exit(2, f"reward server: cannot listen on {args.host}:{args.port}: {e}\n")
+    _shut_down_on_sigint(server)
     host, port = server.server_address[:2]
     if not is_loopback(host):
         log.warning("listening on %s, beyond loopback: anyone who can reach this port %s", host,
@@ -393,10 +395,22 @@ def main(argv=None) -> None:
     print(f"reward server listening on http://{host}:{port} with {weights}", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
+
+
+def _shut_down_on_sigint(server: RewardHTTPServer) -> None:
+    """Ctrl-C (SIGINT) ends serve_forever at its next poll, by a thread that waits for it. (A
+    KeyboardInterrupt would land anywhere in the accept loop; inside socketserver's hand-over
+    of a connection to its thread it freed the connection's slot twice.)"""
+    interrupted = threading.Event()
+
+    def shut_down():
+        interrupted.wait()
+        server.shutdown()
+
+    threading.Thread(target=shut_down, daemon=True).start()
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
 
 
 if __name__ == "__main__":
