@@ -5,7 +5,8 @@ from flax import nnx
 
 from flowgrpo_jax.families.toy.model import SHIPPED, ToyModel, read_config
 from flowgrpo_jax.models.abstract import abstract_module
-from flowgrpo_jax.models.components import component_by_kind
+from flowgrpo_jax.models.mmdit import MMDiT, MMDiTConfig
+from flowgrpo_jax.models.vae import AutoencoderKL, VAEConfig
 from test_mmdit import CASES
 from test_vae import tiny_config
 
@@ -17,14 +18,9 @@ def _described(module):
     return nnx.graphdef(module), leaves
 
 
-def _component(kind, config):
-    component = component_by_kind(kind)
-    return lambda rngs: component._get(component.model)(component.parse_config(config), rngs=rngs)
-
-
 BUILDERS = {
-    "mmdit": _component("transformer", CASES["sd35"][0]),
-    "vae": _component("vae", tiny_config()),
+    "mmdit": lambda rngs: MMDiT(MMDiTConfig.from_diffusers(CASES["sd35"][0]), rngs=rngs),
+    "vae": lambda rngs: AutoencoderKL(VAEConfig.from_diffusers(tiny_config()), rngs=rngs),
     "toy": lambda rngs: ToyModel(read_config(SHIPPED), rngs=rngs),
 }
 

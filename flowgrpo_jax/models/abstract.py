@@ -2,8 +2,8 @@
 
 Under `nnx.eval_shape` every key drawn from an `nnx.Rngs` updates its counter, a traced
 array, and flax's check of that array's `sharding` makes jax build an error message by walking
-the whole trace so far: the cost grows with the square of the layer count (15.8 s for SD3.5-M's
-MMDiT on an AMD EPYC). Keys folded from a counter kept in Python skip that (1.2 s), and the
+the whole trace so far, so the cost grows faster than the model (15.8 s for SD3.5-M's MMDiT
+on an AMD EPYC). Keys folded from a counter kept in Python skip that (1.2 s), and the
 module's graph, shapes, dtypes and shardings are the same.
 """
 from typing import Callable, TypeVar
