@@ -15,12 +15,12 @@ M = TypeVar("M")
 
 
 class ParamKeys:
-    """Stands in for `nnx.Rngs(seed)` while a module is built as shapes only: `params()` gives
-    the seed's key folded with a count kept in Python. It serves models that draw only
-    `params` keys at construction and keep no `rngs` (every model here)."""
+    """Stands in for `nnx.Rngs` while a module is built as shapes only: `params()` gives one
+    key folded with a count kept in Python. It serves models that draw only `params` keys at
+    construction and keep no `rngs` (every model here)."""
 
-    def __init__(self, seed: int = 0):
-        self._key = jax.random.key(seed)
+    def __init__(self):
+        self._key = jax.random.key(0)
         self._count = 0
 
     def params(self) -> jax.Array:
