@@ -24,7 +24,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 from PIL import Image

@@ -31,7 +31,7 @@ from flax import nnx
 from flowgrpo_jax.config import ConfigError
 from flowgrpo_jax.convert import hub
 from flowgrpo_jax.convert.core import ConversionError, format_path, linear, source_keys
-from flowgrpo_jax.convert.safetensors_io import (CheckpointError, SafetensorsFolder,
+from flowgrpo_jax.convert.safetensors_io import (CheckpointError,
                                                  read_header, read_metadata, read_tensor,
                                                  write_safetensors)
 from flowgrpo_jax.lora import LoRALinear

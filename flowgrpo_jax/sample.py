@@ -11,7 +11,6 @@ import os
 import sys
 import time
 
-import numpy as np
 from PIL import Image
 
 from flowgrpo_jax.families.sd3 import DTYPES
