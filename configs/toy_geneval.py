@@ -23,7 +23,8 @@ from flowgrpo_jax.families.toy.prompts import DATA_DIR
 
 def get_config(variant: str = ""):
     config = config_lib.defaults()
-    config.model = ml_collections.ConfigDict({"family": "toy", "path": ""})  # "": the shipped base
+    # path "": the shipped base; dtype: what the MMDiT and text encoder compute in
+    config.model = ml_collections.ConfigDict({"family": "toy", "path": "", "dtype": "float32"})
     config.prompts.format = "geneval"
     config.prompts.train_file = os.path.join(DATA_DIR, "train.jsonl")
     config.prompts.test_file = os.path.join(DATA_DIR, "test.jsonl")

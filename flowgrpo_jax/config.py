@@ -84,6 +84,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.updates_per_epoch = 2
     c.train.micro_batch_size = 32  # global images per forward/backward
     c.train.clip_range = 1e-4
+    # The ratios' values from the trainer's own programs (docs/design.md, section 7): exactly 1
+    # on an epoch's first update, which is on-policy, and on later ones from one forward-only
+    # program run at the sampling and the current params (two forwards a sample of those
+    # updates). False: from the rollout's log-probs, free, but they agree with the update's
+    # only to float32 rounding: in bfloat16 most ratios of an on-policy update leave the clip.
+    c.train.exact_ratio = True
     c.train.beta = 0.04  # KL to the reference (LoRA off)
     c.train.timestep_fraction = 0.99
     c.train.adv_clip_max = 5.0
@@ -91,6 +97,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.drop_zero_std_groups = False
     c.train.ema = True  # evaluate and export the EMA of the trained params
     c.train.ema_max_decay = 0.9
+    c.train.ema_every = 1  # the EMA steps after every this many updates (the reference: 8)
     # An update whose loss or gradient norm is not finite is skipped (params, optimizer state
     # and EMA unchanged); this many skipped in a row stop the run with an error.
     c.train.max_nonfinite_updates = 3
@@ -215,7 +222,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
               "sample.eval_batch_size", "train.learning_rate", "train.updates_per_epoch",
               "train.micro_batch_size", "train.clip_range", "train.timestep_fraction",
               "train.adv_clip_max", "train.max_grad_norm", "lora.rank", "lora.alpha",
-              "logging.num_images", "train.max_nonfinite_updates")
+              "logging.num_images", "train.max_nonfinite_updates", "train.ema_every")
     # The loop takes `epoch % save_every` and `epoch % log_every`; eval_every = 0 means never.
     for key, what in (("save_every", "epochs between checkpoints (one is also written at the end)"),
                       ("log_every", "epochs between image grids")):

@@ -19,7 +19,8 @@ from flax import nnx
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import families, parallel
 from flowgrpo_jax.grpo import train_step as ts
-from flowgrpo_jax.programs import build_programs, build_trainable_model, optimizer_for_config, step_config
+from flowgrpo_jax.programs import (build_programs, build_trainable_model, optimizer_for_config,
+                                   rescores, step_config)
 from flowgrpo_jax.sampling.rollout import Window
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
@@ -166,13 +167,17 @@ class RunPlan:
         shape = (size, *steps, *self.generator.latent_shape)
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch)
 
-    def epoch_data(self, size: int):
-        """The epoch's stored rollouts of `size` samples, as the train step takes them."""
+    def epoch_data(self, size: int, *, log_ratios: bool = False):
+        """The epoch's stored rollouts of `size` samples, as the train step takes them (with
+        `log_ratios`: the exact ones of train.exact_ratio)."""
         steps = self.config.sample.window_size or self.config.sample.num_steps
         per_step = jax.ShapeDtypeStruct((size, steps), jnp.float32, sharding=self.batch)
+        trained = jax.ShapeDtypeStruct((size, self.step_config.num_train_steps), jnp.float32,
+                                       sharding=self.batch)
         return ts.TrainBatch(self._latents(size, steps), self._latents(size, steps), per_step, per_step,
                              per_step, jax.ShapeDtypeStruct((size,), jnp.float32, sharding=self.batch),
-                             self._text(size, self.batch, self.programs.encode))
+                             self._text(size, self.batch, self.programs.encode),
+                             trained if log_ratios else None)
 
     # ---- the programs, as (jitted, args, bytes of the args the run keeps, resident others, trips)
 
@@ -210,11 +215,21 @@ class RunPlan:
                            config, self.mesh, state=self.state, frozen=self.frozen,
                            reference=self.reference).train_step
         update = config_lib.sizes(self.config)["update"]
-        args = (self.state, self.frozen, self.reference, self.epoch_data(update), self.uncond)
+        batch = self.epoch_data(update, log_ratios=self.config.train.exact_ratio)
+        args = (self.state, self.frozen, self.reference, batch, self.uncond)
         kept = _per_device_bytes((self.state, self.frozen, self.reference, self.uncond))
         resident = self.weights + _per_device_bytes(self.epoch_data(self.epoch))
         trips = update // micro_size * self.step_config.num_train_steps
         return step, args, kept, resident, trips
+
+    def rescore(self):
+        """The forward-only rescoring of one update's samples (exact ratios, train_step.py)."""
+        update = config_lib.sizes(self.config)["update"]
+        args = (self.state.params, self.frozen, self.epoch_data(update), self.uncond)
+        kept = _per_device_bytes((self.state.params, self.frozen, self.uncond))
+        resident = self.weights + _per_device_bytes(self.epoch_data(self.epoch))
+        trips = update // self.step_config.micro_batch_size * self.step_config.num_train_steps
+        return self.programs.rescore, args, kept, resident, trips
 
     def sampling_phase(self, chunk_size: int) -> Compiled:
         """Encode, rollout and decode of one chunk, compiled; the largest total of the three
@@ -324,8 +339,9 @@ class Plan:
         return all(p.fits for p in self.programs)
 
 
-# The programs of a run, in the order a run compiles them.
-PROGRAMS = ("encode", "rollout", "decode", "train step", "eval rollout", "eval decode")
+# The programs of a run, in the order a run compiles them ("rescore" only with exact ratios
+# over several updates an epoch, programs.rescores).
+PROGRAMS = ("encode", "rollout", "decode", "rescore", "train step", "eval rollout", "eval decode")
 
 
 def plan(config, devices, topology: str, *, search: bool = True, memory: int | None = None,
@@ -345,12 +361,13 @@ def plan(config, devices, topology: str, *, search: bool = True, memory: int | N
         "encode": (chunk, lambda: run.encode(s.batch_size)),
         "rollout": (chunk, lambda: run.rollout(s.batch_size)),
         "decode": (chunk, lambda: run.decode(s.batch_size)),
+        "rescore": (micro, run.rescore),
         "train step": (micro, lambda: run.train(t.micro_batch_size)),
         "eval rollout": (eval_chunk, lambda: run.rollout(s.eval_batch_size, eval_=True)),
         "eval decode": (eval_chunk, lambda: run.decode(s.eval_batch_size, eval_=True)),
     }
     compiled = [run.compile(name, builders[name][0], builders[name][1]())
-                for name in PROGRAMS if name in programs]
+                for name in PROGRAMS if name in programs and (name != "rescore" or rescores(config))]
     result = Plan(topology, n, run.memory, compiled)
     if not search:
         return result

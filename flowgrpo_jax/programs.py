@@ -3,7 +3,8 @@ the update's settings, and the jitted programs over the run's device mesh.
 
 A run compiles: prompt encoding (a chunk's prompts, and the negative prompt once), a rollout
 chunk (the sampler's kind and window) and the eval rollout (the ODE), decoding a chunk's final
-latents, and the GRPO update. Each is traced, compiled and called under the mesh
+latents, the GRPO update and, for exact ratios over several updates an epoch, the forward-only
+rescoring of an update's samples. Each is traced, compiled and called under the mesh
 (`jax.set_mesh`), which the TPU attention kernel needs to split the batch over the devices.
 The trainer calls them; the planner (`plan.py`) compiles the same objects for a TPU topology
 from abstract inputs, so what it measures is what a run executes.
@@ -80,7 +81,13 @@ def step_config(config, sigmas) -> ts.StepConfig:
         num_train_steps=ts.num_train_timesteps(s.window_size or s.num_steps, t.timestep_fraction),
         micro_batch_size=t.micro_batch_size, kind=s.kind, noise_level=s.noise_level,
         guidance_scale=s.guidance_scale, clip_range=t.clip_range, beta=t.beta,
-        ema_max_decay=t.ema_max_decay)
+        ema_max_decay=t.ema_max_decay, ema_every=t.ema_every)
+
+
+def rescores(config) -> bool:
+    """Whether a run computes exact ratios with the rescore program: after an epoch's first
+    update, which needs none (grpo/train_step.py)."""
+    return config.train.exact_ratio and config.train.updates_per_epoch > 1
 
 
 class OnMesh:
@@ -111,6 +118,7 @@ class Programs:
     encode_replicated: OnMesh  # the same on a replicated batch (the negative prompt)
     decode: OnMesh  # (decoder state, final latents) -> uint8 images, batch-sharded
     train_step: OnMesh  # grpo.train_step.make_train_step's step
+    rescore: OnMesh  # grpo.train_step.make_rescore's (params, frozen, batch, uncond) -> (B, n)
     velocity: Callable  # velocity_fn((trainable, frozen), x, t, text)
 
     _rollouts: dict = dataclasses.field(default_factory=dict)
@@ -134,9 +142,10 @@ def build_programs(generator: Generator, velocity, optimizer, step_config: ts.St
     decode = _module_fn(generator.decoder, generator.decode_latents)
     step = ts.make_train_step(velocity, optimizer, step_config, mesh, state=state, frozen=frozen,
                               reference=reference)
+    rescore = ts.make_rescore(velocity, step_config, mesh, state=state, frozen=frozen)
     return Programs(
         mesh=mesh,
         encode=OnMesh(jax.jit(encode, out_shardings=batch), mesh),
         encode_replicated=OnMesh(jax.jit(encode, out_shardings=replicated), mesh),
         decode=OnMesh(jax.jit(decode, out_shardings=batch), mesh),
-        train_step=OnMesh(step, mesh), velocity=velocity)
+        train_step=OnMesh(step, mesh), rescore=OnMesh(rescore, mesh), velocity=velocity)

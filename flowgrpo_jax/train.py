@@ -184,6 +184,11 @@ class Trainer:
                                out_shardings=batch_sh)
         self._take = jax.jit(lambda data, idx: jax.tree.map(lambda a: a[idx], data),
                              out_shardings=batch_sh)
+        self._subtract = jax.jit(jnp.subtract, out_shardings=batch_sh)
+        self._zero_ratios = jax.jit(  # an on-policy update's log-ratios
+            lambda: jnp.zeros((self.sizes["update"], self.step_config.num_train_steps)),
+            out_shardings=batch_sh)
+        self._warned_off_policy = False
 
         self.tracker = PerPromptStatTracker(global_std=t.global_std, clip_max=t.adv_clip_max)
         self.checkpointer = ckpt.TrainCheckpointer(workdir)
@@ -342,16 +347,16 @@ class Trainer:
                              drop_zero_std=t.drop_zero_std_groups)
         if order is not None:
             data = data._replace(advantages=parallel.replicate(advantages.advantages, self.mesh))
-            step_metrics = []
-            size = self.sizes["update"]
-            for u in range(t.updates_per_epoch):
-                batch = self._take(data, parallel.replicate(order[u * size:(u + 1) * size], self.mesh))
-                self.state, m = self.programs.train_step(self.state, self.frozen, self.reference,
-                                                          batch, self.uncond)
-                step_metrics.append(m)
+            step_metrics, metrics["time/rescore_s"] = self._updates(data, order)
             step_metrics = jax.device_get(step_metrics)
             for name in step_metrics[0]:
-                metrics[f"train/{name}"] = np.mean([float(m[name]) for m in step_metrics])
+                values = [float(m[name]) for m in step_metrics]
+                metrics[f"train/{name}"] = (min(values) if name.endswith("_min") else
+                                            max(values) if name.endswith("_max") else np.mean(values))
+            # the epoch's first update is on-policy: its own ratios, apart
+            for name in ("ratio_mean", "ratio_min", "ratio_max", "clipfrac", "approx_kl"):
+                metrics[f"train/on_policy/{name}"] = float(step_metrics[0][name])
+            self._check_on_policy(step_metrics[0])
             # the updates the train step skipped for a non-finite loss or gradient norm
             metrics["train/skipped_nonfinite"] = sum(float(m["skipped_nonfinite"])
                                                      for m in step_metrics)
@@ -374,6 +379,46 @@ class Trainer:
                 f"nothing is saved after them ({kept}); try a lower train.learning_rate")
         self.epoch += 1
         return metrics
+
+    def _updates(self, data, order) -> tuple[list, float]:
+        """The epoch's updates, each on its slice of `order`; their metrics, and the seconds
+        spent rescoring at the sampling params. With train.exact_ratio the first update's
+        log-ratios are zeros (its params sampled the epoch) and a later update's are the
+        rescore program at its params minus the same program at the sampling params."""
+        size, exact = self.sizes["update"], self.config.train.exact_ratio
+        updates = range(self.config.train.updates_per_epoch)
+        # taken anew each time it is needed: one update's copy of the epoch's data at a time
+        take = lambda u: self._take(data, parallel.replicate(order[u * size:(u + 1) * size], self.mesh))
+        rescore = lambda batch: self.programs.rescore(self.state.params, self.frozen, batch,
+                                                      self.uncond)
+        started = time.perf_counter()
+        at_sampling = [rescore(take(u)) for u in updates[1:]] if exact else []
+        jax.block_until_ready(at_sampling)
+        rescore_seconds = time.perf_counter() - started
+        step_metrics = []
+        for u in updates:
+            batch = take(u)
+            if exact:
+                batch = batch._replace(log_ratios=self._zero_ratios() if u == 0 else
+                                       self._subtract(rescore(batch), at_sampling[u - 1]))
+            self.state, m = self.programs.train_step(self.state, self.frozen, self.reference,
+                                                      batch, self.uncond)
+            step_metrics.append(m)
+        return step_metrics, rescore_seconds
+
+    def _check_on_policy(self, first: dict) -> None:
+        """One warning, the first time an epoch's first update (on-policy: its params sampled
+        the epoch) sees ratios beyond the clip range: log-probs of two programs that disagree."""
+        clip = self.config.train.clip_range
+        if self._warned_off_policy or 1 - clip <= first["ratio_min"] <= first["ratio_max"] <= 1 + clip:
+            return
+        self._warned_off_policy = True
+        if self.is_main:
+            print(f"warning: epoch {self.epoch}: its first update is on-policy, yet its ratios span "
+                  f"[{float(first['ratio_min']):.6f}, {float(first['ratio_max']):.6f}], beyond "
+                  f"train.clip_range={clip:g} (clipfrac {float(first['clipfrac']):.3f}): the "
+                  f"rollout's log-probs disagree with the update's; train.exact_ratio=True makes "
+                  f"the ratios exact", file=sys.stderr, flush=True)
 
     def _count_nonfinite(self, step_metrics) -> dict | None:
         """Counts skipped updates in a row, across epochs; the last skipped update's metrics

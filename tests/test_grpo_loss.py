@@ -8,8 +8,7 @@ EPS = 0.1
 
 
 def _surrogate(dlogp, adv):
-    old = jnp.zeros(len(dlogp))
-    return clipped_surrogate(jnp.asarray(dlogp, jnp.float32), old, jnp.asarray(adv), EPS)
+    return clipped_surrogate(jnp.asarray(dlogp, jnp.float32), jnp.asarray(adv), EPS)
 
 
 def test_surrogate_clips_on_both_sides():
@@ -50,7 +49,7 @@ def test_total_loss_and_stats():
     mean = jnp.ones((3, 4))
     ref = jnp.zeros((3, 4))
     std = jnp.array([1.0, 1.0, 1.0])
-    loss, stats = grpo_loss(logp, old, adv, mean, ref, std, clip_range=0.1, beta=0.04)
+    loss, stats = grpo_loss(logp - old, adv, mean, ref, std, clip_range=0.1, beta=0.04)
     ratio = np.exp([0.2, -0.1, 0.0])
     pg = np.mean(
         np.maximum(-np.array(adv) * ratio, -np.array(adv) * np.clip(ratio, 0.9, 1.1))
@@ -62,12 +61,14 @@ def test_total_loss_and_stats():
     # |ratio - 1|: 0.221, 0.095, 0 -> one of three beyond 0.1
     np.testing.assert_allclose(stats["clipfrac"], 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(stats["ratio_mean"], ratio.mean(), rtol=1e-6)
+    np.testing.assert_allclose([stats["ratio_min"], stats["ratio_max"]], [ratio.min(), ratio.max()],
+                               rtol=1e-6)
 
 
 def test_beta_without_reference_is_an_error():
     x = jnp.zeros(2)
     with pytest.raises(ValueError, match="ref_mean"):
-        grpo_loss(x, x, x, x, None, x + 1, clip_range=0.1, beta=0.1)
+        grpo_loss(x, x, x, None, x + 1, clip_range=0.1, beta=0.1)
 
 
 def test_matches_the_reference_pytorch_formulas():
@@ -95,7 +96,7 @@ def test_matches_the_reference_pytorch_formulas():
         "approx_kl": 0.5 * torch.mean((t(log_prob) - t(old)) ** 2),
         "clipfrac": torch.mean((torch.abs(ratio - 1.0) > clip_range).float()),
     }
-    _, stats = grpo_loss(jnp.asarray(log_prob), jnp.asarray(old), jnp.asarray(adv),
+    _, stats = grpo_loss(jnp.asarray(log_prob) - jnp.asarray(old), jnp.asarray(adv),
                          jnp.asarray(mean), jnp.asarray(ref_mean), jnp.asarray(std),
                          clip_range=clip_range, beta=beta)
     assert 0 < float(expected["clipfrac"]) < 1  # both clipped and unclipped samples

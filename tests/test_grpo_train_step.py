@@ -206,6 +206,45 @@ def test_a_nan_batch_is_skipped_and_counted_and_the_next_update_proceeds():
     assert _max_abs_diff(state, once) == 0.0
 
 
+def test_exact_log_ratios_give_the_update_of_the_rollouts_own_log_probs():
+    """In float32 the rollout's log-probs are the update's own to rounding: the update given
+    log-ratio values of 0 (with the gradient of its own log-prob) matches the one that
+    computes them against the rollout's."""
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    lora, batch, _ = _data(logp_offset=0.0)
+    from_rollout, (m_rollout,) = _run_steps(mesh, num_updates=1, logp_offset=0.0)
+    exact_batch = batch._replace(log_ratios=jnp.zeros((batch.advantages.shape[0], 2)))
+    velocity, _, frozen = _model()
+    config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
+    state = ts.create_train_state(lora, ts.make_optimizer(), mesh)
+    step = ts.make_train_step(velocity, ts.make_optimizer(), config, mesh, state=state, frozen=frozen)
+    exact, m_exact = step(state, frozen, None, exact_batch, _data(logp_offset=0.0)[2])
+    assert (float(m_exact["ratio_min"]), float(m_exact["ratio_max"])) == (1.0, 1.0)
+    assert abs(float(m_rollout["ratio_mean"]) - 1.0) < 1e-5
+    assert _max_abs_diff(exact.params, from_rollout.params) < 1e-6
+
+
+def test_rescore_gives_the_rollouts_log_probs_in_sample_order():
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    velocity, lora, frozen = _model()
+    lora, batch, uncond = _data(logp_offset=0.0)
+    config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=4)
+    state = ts.create_train_state(lora, ts.make_optimizer(), mesh)
+    rescore = ts.make_rescore(velocity, config, mesh, state=state, frozen=frozen)
+    log_probs = rescore(lora, frozen, batch, uncond)
+    assert log_probs.shape == (16, 2)
+    np.testing.assert_allclose(log_probs, batch.log_probs[:, :2], rtol=0, atol=1e-5)
+    assert float(jnp.std(batch.log_probs[:, 0])) > 1e-2  # samples differ: the order is checked
+
+
+def test_the_ema_steps_every_k_updates_as_the_reference_counts():
+    decays = [float(ts.ema_decay(jnp.asarray(n), 0.81, every=8)) for n in range(1, 17)]
+    stepped = [n for n, d in zip(range(1, 17), decays) if d < 1]
+    assert stepped == [7, 15]  # the reference: (global_step + 1) % 8 == 0
+    assert decays[6] == pytest.approx(8 / 17) and decays[14] == pytest.approx(16 / 25)
+    assert float(ts.ema_decay(jnp.asarray(39), 0.81, every=8)) == pytest.approx(0.81)
+
+
 def test_bad_batch_layout_is_named():
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="micro_batch_size"):

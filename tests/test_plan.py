@@ -77,7 +77,7 @@ def test_a_config_that_cannot_fit_is_told_what_to_change(tmp_path):
 def test_unknown_programs_are_refused_before_compiling():
     config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py"))
     with pytest.raises(planner.PlanError, match=r"unknown programs \['train'\]; known: encode, "
-                       r"rollout, decode, train step, eval rollout, eval decode"):
+                       r"rollout, decode, rescore, train step, eval rollout, eval decode"):
         planner.plan(config, [], "v5e:2x2", programs=("train",))
 
 
@@ -118,3 +118,18 @@ def test_advice_names_a_smaller_micro_batch_when_fsdp_and_remat_are_already_set(
     assert planner.advice(result, config).endswith("try more chips, or chips with more memory")
     config.mesh.data, config.mesh.fsdp = 1, -1  # the :full variant's mesh: fsdp over all 8
     assert planner.advice(result, config).endswith("try more chips, or chips with more memory")
+
+
+def test_exact_ratios_over_several_updates_add_the_rescore_program():
+    """Compiled for this host: with one update an epoch there is nothing to rescore; with two,
+    one forward of the update's samples, a small share of the update's FLOPs."""
+    import jax
+
+    config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py:tiny"))
+    plan = lambda: planner.plan(config, jax.devices()[:1], "cpu", search=False,
+                                programs=("rescore", "train step"), log=lambda *a, **k: None)
+    assert [p.name for p in plan().programs] == ["train step"]
+    config.train.updates_per_epoch = 2
+    rescore, step = plan().programs
+    assert rescore.name == "rescore" and rescore.fits and step.fits
+    assert 0 < rescore.flops < step.flops / 2, (rescore.flops, step.flops)

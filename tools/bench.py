@@ -202,7 +202,7 @@ def make_jax_loss_step(velocity_fn, sigma_max):
                         guidance_scale=GUIDANCE_SCALE, uncond_text=batch["uncond"])
         policy = score((trainable, buffers))
         ref_mean = jax.lax.stop_gradient(score(ref_params).mean)
-        return grpo_loss(policy.log_prob, batch["old_log_prob"], batch["advantages"], policy.mean,
+        return grpo_loss(policy.log_prob - batch["old_log_prob"], batch["advantages"], policy.mean,
                          ref_mean, policy.std, clip_range=CLIP_RANGE, beta=KL_BETA)
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 

@@ -1,7 +1,7 @@
 """The GRPO objective on one denoising step of a batch of trajectories (pure jnp).
 
 loss = L_pg + beta * KL, where
-  ratio = exp(logp - logp_old)
+  ratio = exp(log_ratio),  log_ratio = logp - logp_old  (train_step.py: where its value comes from)
   L_pg  = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
   KL    = mean_batch[ mean_dims((mean - mean_ref)^2) / (2 * std^2) ]
 `std` is the sampler's per-step noise scale std_t (StepOutput.std, without the sqrt(-dt)
@@ -11,9 +11,9 @@ std_t^2 * (-dt) instead, so this KL is the reference's scaled variant, kept for 
 import jax.numpy as jnp
 
 
-def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
+def clipped_surrogate(log_ratio, advantages, clip_range):
     """PPO clipped policy loss (scalar) and the per-sample probability ratio (B,)."""
-    ratio = jnp.exp(log_prob - old_log_prob)
+    ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return jnp.mean(jnp.maximum(unclipped, clipped)), ratio
@@ -30,15 +30,17 @@ def mean_kl(mean, ref_mean, std):
     return jnp.mean(sq / (2.0 * jnp.square(std)))
 
 
-def grpo_loss(log_prob, old_log_prob, advantages, mean, ref_mean, std, *, clip_range, beta):
-    """Total loss and its statistics for one step; ref_mean may be None when beta == 0."""
-    policy_loss, ratio = clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
-    dlogp = log_prob - old_log_prob
+def grpo_loss(log_ratio, advantages, mean, ref_mean, std, *, clip_range, beta):
+    """Total loss and its statistics for one step; ref_mean may be None when beta == 0.
+    Statistics named *_min and *_max are the batch's extremes, the others its means."""
+    policy_loss, ratio = clipped_surrogate(log_ratio, advantages, clip_range)
     stats = {
         "policy_loss": policy_loss,
-        "approx_kl": 0.5 * jnp.mean(jnp.square(dlogp)),
+        "approx_kl": 0.5 * jnp.mean(jnp.square(log_ratio)),
         "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
         "ratio_mean": jnp.mean(ratio),
+        "ratio_min": jnp.min(ratio),
+        "ratio_max": jnp.max(ratio),
     }
     loss = policy_loss
     if ref_mean is not None:

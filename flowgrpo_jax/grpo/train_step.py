@@ -1,12 +1,22 @@
-"""One GRPO optimizer update as a pure, jitted, sharded function.
+"""One GRPO optimizer update as a pure, jitted, sharded function, and the forward-only
+rescoring that gives its ratios exact values.
 
 The update rescores the rollout's stored transitions with the current policy (the same
 `score_step` the rollout used, CFG with gradients through both branches), builds the GRPO loss
 of `loss.py` per (micro-batch, timestep), averages the gradients over all of them with an
 explicit `lax.scan` (what the reference's gradient accumulation computes, exactly), clips them
-to a global norm, applies AdamW and updates an EMA of the trained params. An update whose loss
-or gradient norm is not finite is skipped (the state returned unchanged) and counted in the
-metric "skipped_nonfinite" (1.0 for a skipped update, else 0.0).
+to a global norm, applies AdamW and updates an EMA of the trained params every `ema_every`
+updates. An update whose loss or gradient norm is not finite is skipped (the state returned
+unchanged) and counted in the metric "skipped_nonfinite" (1.0 for a skipped update, else 0.0).
+
+The value of each log-ratio log p_theta - log p_old comes from one of two places
+(docs/design.md, section 7):
+- `batch.log_ratios` given (B, n): these values, with the gradient of the update's own
+  log-prob (`with_gradient_of`). The trainer passes zeros on an epoch's first update, which is
+  on-policy, and on later updates the difference of two `make_rescore` runs (the current params
+  and the sampling params) of one compiled program, so no value ever mixes two programs;
+- `batch.log_ratios` None: the update's log-prob minus the rollout's `batch.log_probs`, two
+  programs whose numbers agree to float32 rounding only.
 
 Parameters enter as two NNX states: `trainable` (what the optimizer updates) and `frozen`
 (the rest). The velocity model is `velocity_fn((trainable, frozen), x, t, text)`
@@ -42,6 +52,7 @@ class StepConfig:
     clip_range: float = 1e-4
     beta: float = 0.04
     ema_max_decay: float = 0.9
+    ema_every: int = 1  # the EMA steps after updates n with (n + 1) % ema_every == 0
 
 
 class TrainBatch(NamedTuple):
@@ -54,6 +65,7 @@ class TrainBatch(NamedTuple):
     next_sigmas: jax.Array  # (B, T)
     advantages: jax.Array  # (B,)
     text: Any  # pytree of (B, ...) prompt embeddings
+    log_ratios: Any = None  # (B, n) values of the trained steps' log-ratios, or None (module doc)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -106,10 +118,12 @@ def create_train_state(params, optimizer, mesh, rules=parallel.DEFAULT_RULES) ->
     return jax.jit(init, out_shardings=shardings)(params)
 
 
-def ema_decay(updates_done, max_decay):
-    """min((1 + n) / (10 + n), max_decay): a short memory early, then the fixed decay."""
+def ema_decay(updates_done, max_decay, every: int = 1):
+    """min((1 + n) / (10 + n), max_decay) after update n when (n + 1) % every == 0 (as the
+    reference counts), else 1 (the EMA stays): a short memory early, then the fixed decay."""
     n = updates_done.astype(jnp.float32)
-    return jnp.minimum((1.0 + n) / (10.0 + n), max_decay)
+    stepped = (updates_done + 1) % every == 0
+    return jnp.where(stepped, jnp.minimum((1.0 + n) / (10.0 + n), max_decay), 1.0)
 
 
 def ema_update(ema, params, decay):
@@ -132,14 +146,45 @@ def _micro_batches(batch: TrainBatch, micro_batch_size: int, mesh, rules):
     return jax.tree.map(split, batch)
 
 
-def _step_major(batch: TrainBatch, num_train_steps: int) -> TrainBatch:
-    """Moves the trained steps' time axis first: (m, T, ...) -> (n, m, ...)."""
-    per_step = lambda a: jnp.swapaxes(a[:, :num_train_steps], 0, 1)
-    return batch._replace(
-        latents=per_step(batch.latents), next_latents=per_step(batch.next_latents),
-        log_probs=per_step(batch.log_probs), sigmas=per_step(batch.sigmas),
-        next_sigmas=per_step(batch.next_sigmas),
-    )
+def _transitions(batch: TrainBatch, num_train_steps: int):
+    """The trained steps of a micro batch, time axis first: (m, T, ...) -> (n, m, ...), as
+    (latents, next_latents, log_probs, sigmas, next_sigmas, log_ratios or None)."""
+    per_step = lambda a: None if a is None else jnp.swapaxes(a[:, :num_train_steps], 0, 1)
+    return tuple(map(per_step, (batch.latents, batch.next_latents, batch.log_probs, batch.sigmas,
+                                batch.next_sigmas, batch.log_ratios)))
+
+
+@jax.custom_vjp
+def with_gradient_of(value, source):
+    """`value` itself, with the gradient of `source` (same shape): the forward pass returns
+    `value` bit for bit, the backward pass hands `source` the whole cotangent."""
+    return value
+
+
+with_gradient_of.defvjp(lambda value, source: (value, None),
+                        lambda _, cotangent: (jnp.zeros_like(cotangent), cotangent))
+
+
+def _scorer(velocity_fn, config: StepConfig):
+    """score(params, x, x_next, sigma, sigma_next, text, uncond_text) -> StepOutput: one stored
+    transition scored with the sampler's settings."""
+    def score(params, x, x_next, sigma, sigma_next, text, uncond_text):
+        return score_step(velocity_fn, params, x, x_next, sigma, sigma_next, text,
+                          kind=config.kind, noise_level=config.noise_level,
+                          sigma_max=config.sigma_max, guidance_scale=config.guidance_scale,
+                          uncond_text=uncond_text)
+
+    return score
+
+
+def _reduce(name: str):
+    """How per-step statistics combine: extremes by min / max, the rest summed (then averaged)."""
+    return jnp.minimum if name.endswith("_min") else jnp.maximum if name.endswith("_max") else jnp.add
+
+
+def _identity(name: str, like):
+    fill = jnp.inf if name.endswith("_min") else -jnp.inf if name.endswith("_max") else 0.0
+    return jnp.full(like.shape, fill, like.dtype)
 
 
 def _check_batch(batch: TrainBatch, config: StepConfig, mesh, rules):
@@ -153,6 +198,9 @@ def _check_batch(batch: TrainBatch, config: StepConfig, mesh, rules):
                          f"{shards} devices the batch is split over")
     if config.num_train_steps > steps:
         raise ValueError(f"num_train_steps {config.num_train_steps} exceeds the {steps} stored steps")
+    if batch.log_ratios is not None and batch.log_ratios.shape != (size, config.num_train_steps):
+        raise ValueError(f"log_ratios of shape {batch.log_ratios.shape}, expected "
+                         f"{(size, config.num_train_steps)} (samples, trained steps)")
 
 
 def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformation,
@@ -165,17 +213,20 @@ def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformati
     if config.beta < 0 or config.clip_range <= 0:
         raise ValueError(f"need beta >= 0 and clip_range > 0, got {config.beta}, {config.clip_range}")
 
+    score = _scorer(velocity_fn, config)
+
     def step_loss(trainable, frozen, ref_trainable, transition, advantages, text, uncond_text):
-        x, x_next, old_log_prob, sigma, sigma_next = transition
-        score = lambda params: score_step(
-            velocity_fn, params, x, x_next, sigma, sigma_next, text, kind=config.kind,
-            noise_level=config.noise_level, sigma_max=config.sigma_max,
-            guidance_scale=config.guidance_scale, uncond_text=uncond_text)
-        out = score((trainable, frozen))
+        x, x_next, old_log_prob, sigma, sigma_next, log_ratio = transition
+        score_with = lambda params: score(params, x, x_next, sigma, sigma_next, text, uncond_text)
+        out = score_with((trainable, frozen))
+        if log_ratio is None:
+            log_ratio = out.log_prob - old_log_prob
+        else:
+            log_ratio = with_gradient_of(log_ratio, out.log_prob)
         ref_mean = None
         if config.beta > 0:
-            ref_mean = jax.lax.stop_gradient(score((ref_trainable, frozen)).mean)
-        return grpo_loss(out.log_prob, old_log_prob, advantages, out.mean, ref_mean, out.std,
+            ref_mean = jax.lax.stop_gradient(score_with((ref_trainable, frozen)).mean)
+        return grpo_loss(log_ratio, advantages, out.mean, ref_mean, out.std,
                          clip_range=config.clip_range, beta=config.beta)
 
     grad_fn = jax.grad(step_loss, has_aux=True)
@@ -184,38 +235,38 @@ def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformati
         _check_batch(batch, config, mesh, rules)
         ref_trainable = disabled(state.params) if reference is None else reference
 
-        def transitions(micro):
-            steps = _step_major(micro, config.num_train_steps)
-            return (steps.latents, steps.next_latents, steps.log_probs, steps.sigmas,
-                    steps.next_sigmas)
-
         def grads_and_stats(micro, transition):
             return grad_fn(state.params, frozen, ref_trainable, transition, micro.advantages,
                            micro.text, uncond_text)
 
+        def accumulate(carry, new):
+            (grads, stats), (new_grads, new_stats) = carry, new
+            return (jax.tree.map(jnp.add, grads, new_grads),
+                    {k: _reduce(k)(stats[k], new_stats[k]) for k in stats})
+
         def micro_step(carry, micro):
             def timestep(carry, transition):
-                return jax.tree.map(jnp.add, carry, grads_and_stats(micro, transition)), None
+                return accumulate(carry, grads_and_stats(micro, transition)), None
 
-            carry, _ = jax.lax.scan(timestep, carry, transitions(micro))
+            carry, _ = jax.lax.scan(timestep, carry, _transitions(micro, config.num_train_steps))
             return carry, None
 
         micro = _micro_batches(batch, config.micro_batch_size, mesh, rules)
         first = jax.tree.map(lambda a: a[0], micro)
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(grads_and_stats, first, jax.tree.map(lambda a: a[0], transitions(first))),
-        )
-        (grad_sum, stat_sum), _ = jax.lax.scan(micro_step, zeros, micro)
+        first_step = jax.tree.map(lambda a: a[0], _transitions(first, config.num_train_steps))
+        grad_shapes, stat_shapes = jax.eval_shape(grads_and_stats, first, first_step)
+        initial = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grad_shapes),
+                   {k: _identity(k, s) for k, s in stat_shapes.items()})
+        (grad_sum, stats), _ = jax.lax.scan(micro_step, initial, micro)
         count = micro.advantages.shape[0] * config.num_train_steps
         grads = jax.tree.map(lambda g: g / count, grad_sum)
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # n counts this update, as the reference steps its EMA after incrementing global_step
-        decay = ema_decay(state.step + 1, config.ema_max_decay)
+        decay = ema_decay(state.step + 1, config.ema_max_decay, config.ema_every)
         ema_params = ema_update(state.ema_params, params, decay)
-        metrics = {k: v / count for k, v in stat_sum.items()}
+        metrics = {k: v if _reduce(k) is not jnp.add else v / count for k, v in stats.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["ema_decay"] = decay
         new_state = TrainState(state.step + 1, params, opt_state, ema_params)
@@ -238,3 +289,37 @@ def make_train_step(velocity_fn: Callable, optimizer: optax.GradientTransformati
         donate_argnums=0,
     )
 
+
+
+def make_rescore(velocity_fn, config: StepConfig, mesh, *, state: TrainState, frozen,
+                 rules=parallel.DEFAULT_RULES):
+    """Returns rescore(params, frozen, batch, uncond_text) -> (B, n) float32, jitted over `mesh`:
+    the log-prob of each sample's first n stored transitions under `params` (the trainable
+    state; `frozen` the rest), forward only, in the train step's micro batches. The trainer runs
+    it at the sampling params and at the current ones: their difference is the log-ratio of an
+    update after an epoch's first (module doc). `batch.log_ratios` is not read."""
+    score = _scorer(velocity_fn, config)
+
+    def rescore(params, frozen, batch: TrainBatch, uncond_text):
+        _check_batch(batch, config, mesh, rules)
+        size = batch.advantages.shape[0]
+        micro = _micro_batches(batch._replace(log_ratios=None), config.micro_batch_size, mesh,
+                               rules)
+
+        def micro_scores(_, one):
+            def timestep(_, transition):
+                x, x_next, _, sigma, sigma_next, _ = transition
+                return None, score((params, frozen), x, x_next, sigma, sigma_next, one.text,
+                                   uncond_text).log_prob
+
+            return None, jax.lax.scan(timestep, None, _transitions(one, config.num_train_steps))[1]
+
+        log_probs = jax.lax.scan(micro_scores, None, micro)[1]  # (B / m, n, m)
+        # micro batch j holds samples j, j + B/m, ...: row r of it is sample r * B/m + j
+        return jnp.transpose(log_probs, (2, 0, 1)).reshape(size, config.num_train_steps)
+
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    return jax.jit(rescore, in_shardings=(
+        parallel.state_shardings(state.params, mesh, rules),
+        parallel.state_shardings(frozen, mesh, rules), batch_sh, parallel.replicated(mesh)),
+        out_shardings=batch_sh)

@@ -16,6 +16,7 @@ folder (`model.save`); empty or absent means the shipped base checkpoint.
 import jax
 import jax.numpy as jnp
 
+from flowgrpo_jax.config import ConfigError
 from flowgrpo_jax.families.toy import checker
 from flowgrpo_jax.families.toy import model as toy_model
 from flowgrpo_jax.families.toy.text import Tokenizer
@@ -34,12 +35,21 @@ def latents_to_images(latents) -> jax.Array:
     return jnp.round((latents + 1.0) * 127.5).astype(jnp.uint8)
 
 
+# What the model computes in (`model.dtype`); its parameters stay float32 either way.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def build(model_config, *, remat: str = "none", place=None, abstract: bool = False) -> Generator:
-    """The toy model in `model_config.path` (see generator.Family.build); `place` is not
-    needed: the model is small enough to be read whole and placed by the trainer."""
+    """The toy model in `model_config.path` (see generator.Family.build), computing in
+    `model_config.dtype` ("float32", the default, or "bfloat16"); `place` is not needed: the
+    model is small enough to be read whole and placed by the trainer."""
     del place
     path = model_config.get("path") or toy_model.SHIPPED
-    model = toy_model.abstract(path, remat) if abstract else toy_model.load(path, remat)
+    name = model_config.get("dtype", "float32")
+    if name not in DTYPES:
+        raise ConfigError(f"config.model.dtype={name!r}: must be one of {sorted(DTYPES)}")
+    load = toy_model.abstract if abstract else toy_model.load
+    model = load(path, remat, DTYPES[name])
     tokenizer = Tokenizer(max_length=model.config.max_length)
     length = model.config.max_length
     size = model.config.image_size

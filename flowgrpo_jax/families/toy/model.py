@@ -141,17 +141,18 @@ def read_config(folder: str) -> ToyModelConfig:
         return ToyModelConfig.from_dict(json.load(f))
 
 
-def abstract(folder: str = SHIPPED, remat: str = "none") -> ToyModel:
+def abstract(folder: str = SHIPPED, remat: str = "none", dtype=jnp.float32) -> ToyModel:
     """The model stored in `folder` as shapes only (nnx.eval_shape), no weights read."""
     config = read_config(folder)
-    return abstract_module(lambda rngs: ToyModel(config, rngs=rngs, remat=remat))
+    return abstract_module(lambda rngs: ToyModel(config, rngs=rngs, remat=remat, dtype=dtype))
 
 
-def load(folder: str = SHIPPED, remat: str = "none") -> ToyModel:
+def load(folder: str = SHIPPED, remat: str = "none", dtype=jnp.float32) -> ToyModel:
     """The model stored in `folder` (default: the shipped base checkpoint); `remat` is the
-    MMDiT's per-block policy (flowgrpo_jax/remat.py)."""
+    MMDiT's per-block policy (flowgrpo_jax/remat.py), `dtype` what it computes in (its
+    parameters stay float32)."""
     params_path = os.path.join(folder, PARAMS_FILE)
-    graphdef, params, rest = nnx.split(abstract(folder, remat), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract(folder, remat, dtype), nnx.Param, ...)
     with np.load(params_path) as stored:
         stored = dict(stored)
     expected = {"/".join(str(k) for k in path): var for path, var in nnx.to_flat_state(params)}
