@@ -19,6 +19,7 @@ import ml_collections
 from flowgrpo_jax import families
 from flowgrpo_jax.convert import hub
 from flowgrpo_jax.remat import POLICIES as REMAT_POLICIES
+from flowgrpo_jax.rewards.registry import options_in_use, parse_weights
 from flowgrpo_jax.sampling.sde import KINDS
 
 
@@ -111,6 +112,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.reward.url = ""  # a running reward server; "" starts a local one per process
     c.reward.token = ""  # the server's shared secret (--token); "" with a local server: a random one
     c.reward.options = ml_collections.ConfigDict()  # {"pickscore": {"model": "/path"}}
+    # Options that evaluation scores with instead (merged over `options`), in a local reward
+    # process of its own: {"geneval_remote": {"only_strict": 0}} makes eval report GenEval
+    # accuracy. With reward.url, evaluation needs a server of its own at eval_url.
+    c.reward.eval_options = ml_collections.ConfigDict()
+    c.reward.eval_url = ""  # a running reward server for evaluation ("": as described above)
     c.reward.plugins = ()  # modules or .py files registering more rewards
     c.reward.overlap = True  # score chunk i while chunk i+1 samples (False: wait each chunk)
 
@@ -129,11 +135,15 @@ def _fail(key: str, value, why: str):
     raise ConfigError(f"config.{key}={value!r}: {why}")
 
 
+# Groups whose keys belong to a model family or to rewards, not to defaults().
+_FREE_GROUPS = ("model", "reward.options", "reward.eval_options")
+
+
 def _check_known_keys(config, reference, prefix=""):
-    """Every key of `config` must exist in `defaults()` (model and reward options are free)."""
+    """Every key of `config` must exist in `defaults()` (those of _FREE_GROUPS are free)."""
     for key in config.keys():
         name = f"{prefix}{key}"
-        if name in ("model", "reward.options"):
+        if name in _FREE_GROUPS:
             continue
         if key not in reference:
             raise ConfigError(f"config.{name} is not a known config key; known keys here: "
@@ -165,7 +175,7 @@ def _check_finite(config, prefix=""):
     """No float key holds NaN, and only the keys of _INF_ALLOWED hold inf."""
     for key in config.keys():
         name = f"{prefix}{key}"
-        if name in ("model", "reward.options"):
+        if name in _FREE_GROUPS:
             continue
         value = config[key]
         if isinstance(value, ml_collections.ConfigDict):
@@ -234,6 +244,15 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
             _fail(key, _get(config, key), "must be >= 0")
     if config.lora.init_from:
         _check_init_from(config.lora)
+    r = config.reward
+    try:
+        weights = parse_weights(r.rewards)
+    except ValueError as e:
+        _fail("reward.rewards", r.rewards, str(e))
+    if r.url and not r.eval_url and options_in_use(weights, r.eval_options.to_dict()):
+        _fail("reward.eval_options", r.eval_options.to_dict(),
+              f"the reward server at reward.url={r.url!r} scores with its own options; run one "
+              f"with these for evaluation and give its address as reward.eval_url")
     if s.group_size < 2:
         _fail("sample.group_size", s.group_size, "needs >= 2 images per prompt to compare them")
     if s.kind == "cps" and not s.noise_level < 1:
@@ -333,7 +352,9 @@ def tiny(config) -> ml_collections.ConfigDict:
 def fast(config, *, cfg: bool = True) -> ml_collections.ConfigDict:
     """Flow-GRPO-Fast: the SDE (CPS, noise 0.8) only in a 3-step window starting in steps 0-2,
     every window step trained (the window never holds the last, peaked step), clip 1e-5, no
-    KL. cfg=False also drops classifier-free guidance (the reference's *_fast_nocfg)."""
+    KL. cfg=False also drops classifier-free guidance in rollouts, training and evaluation: the
+    reference's *_sd3_fast_nocfg configs. cfg=True (with CFG) is this project's composition;
+    the reference ships no windowed Fast config with CFG."""
     s = config.sample
     s.kind, s.noise_level = "cps", 0.8
     s.window_size, s.window_lo, s.window_hi = 3, 0, s.num_steps // 2

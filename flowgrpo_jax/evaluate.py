@@ -123,7 +123,10 @@ def scorer_for(config, family: Family, rewards: str | None = None) -> Callable:
     if rewards is None and family.score is not None:
         return family.score
     plugins = tuple(config.reward.plugins) + tuple(family.reward_plugins)
-    return reward_scorer(rewards or config.reward.rewards, config.reward.options.to_dict(), plugins)
+    eval_options = config.reward.get("eval_options")  # absent from older runs' configs
+    options = registry.merged_options(config.reward.options.to_dict(),
+                                      eval_options.to_dict() if eval_options else {})
+    return reward_scorer(rewards or config.reward.rewards, options, plugins)
 
 
 def initial_noise(seed: int, line: int, image: int, latent_shape) -> jax.Array:

@@ -57,7 +57,7 @@ from flowgrpo_jax.programs import (build_programs, build_trainable_model, optimi
                                    step_config)
 from flowgrpo_jax.prompts import PromptFileError, epoch_prompt_indices, load_prompts
 from flowgrpo_jax.rewards.client import RewardClient, RewardServerUnreachable
-from flowgrpo_jax.rewards.registry import options_in_use, parse_weights
+from flowgrpo_jax.rewards.registry import merged_options, options_in_use, parse_weights
 from flowgrpo_jax.sampling.rollout import Window
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
@@ -109,15 +109,26 @@ def _placed_state(module, role: str, place):
     return parallel.place(state, place(role, state))
 
 
-def reward_client(config, family: Family) -> RewardClient:
+def reward_client(config, family: Family, *, evaluation: bool = False) -> RewardClient | None:
     """The run's reward server: the one at config.reward.url, or a local process scoring
     config.reward.rewards, with the family's reward plugins beside the configured ones. Of
     config.reward.options only those of the rewards in use are passed, so a config keeps its
-    reward's options when a run picks another reward."""
+    reward's options when a run picks another reward.
+
+    evaluation=True: evaluation's own server (reward.eval_url, or a local process with
+    reward.eval_options laid over the options), or None when it scores as training does."""
     r = config.reward
+    weights = parse_weights(r.rewards)
+    eval_options = options_in_use(weights, r.eval_options.to_dict())
+    if evaluation and r.eval_url:
+        return RewardClient(url=r.eval_url, token=r.token)
+    if evaluation and not eval_options:
+        return None
     if r.url:
         return RewardClient(url=r.url, token=r.token)
-    options = options_in_use(parse_weights(r.rewards), r.options.to_dict())
+    options = options_in_use(weights, r.options.to_dict())
+    if evaluation:
+        options = merged_options(options, eval_options)
     return RewardClient(r.rewards, options=options, token=r.token,
                         plugins=tuple(r.plugins) + tuple(family.reward_plugins))
 
@@ -200,9 +211,12 @@ class Trainer:
         self.epoch = 0
         self.nonfinite_streak = 0  # updates skipped in a row for a non-finite loss or gradient
         self.rewards = reward_client(config, self.family)  # last: a failure above starts none
+        self._eval_rewards = None  # evaluation's, started by its first call
 
     def close(self) -> None:
         self.rewards.close()
+        if self._eval_rewards not in (None, self.rewards):
+            self._eval_rewards.close()
         self.checkpointer.close()
         self.writer.close()
 
@@ -433,7 +447,8 @@ class Trainer:
     # ---- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        """ODE at eval_num_steps on the test prompts with the EMA params; mean rewards."""
+        """ODE at eval_num_steps on the test prompts with the EMA params, scored by evaluation's
+        reward server (reward_client); mean rewards, overall and per metadata tag."""
         s = self.config.sample
         count = s.num_eval_prompts or len(self.test_prompts)
         count = min(count, len(self.test_prompts))
@@ -442,6 +457,8 @@ class Trainer:
         rows = np.minimum(np.arange(padded), count - 1)  # the last prompt repeats as padding
         eval_key = jax.random.fold_in(self.base_key, _EVAL)
         params = (self.state.ema_params if self.config.train.ema else self.state.params, self.frozen)
+        if self._eval_rewards is None:
+            self._eval_rewards = reward_client(self.config, self.family, evaluation=True) or self.rewards
         start, stop_row = parallel.local_range(self.mesh, chunk)
         futures, first_images, first_prompts = [], None, None
         for c in tqdm(range(padded // chunk), desc="eval", leave=False, disable=not self.is_main):
@@ -450,13 +467,16 @@ class Trainer:
             noise = np.asarray(_noise(eval_key, ids, self.generator.latent_shape))
             out, _ = self._sample_chunk(params, self.eval_sigmas, eval_key, noise, prompts, kind="ode")
             images = self._images(out.final_latents)
-            futures.append(self.rewards.submit(images, prompts, metadata))
+            futures.append(self._eval_rewards.submit(images, prompts, metadata))
             if first_images is None:
                 first_images, first_prompts = images, prompts
         total, components = self._gather_rewards(futures)
         metrics = {"eval/reward_mean": total[:count].mean()}
+        tags = np.array([str(m.get("tag", "")) for m in self.test_prompts.take(rows[:count])[1]])
         for name, values in components.items():
             metrics[f"eval/{name}_mean"] = values[:count].mean()
+            for tag in sorted(set(tags) - {""}):
+                metrics[f"eval/{name}_mean/{tag}"] = values[:count][tags == tag].mean()
         if self.is_main:
             n = self.config.logging.num_images
             self.writer.images(self.epoch, "eval/images", first_images[:n], first_prompts[:n])
@@ -514,9 +534,9 @@ class Trainer:
             self.on_metrics(step, metrics)
         if self.is_main:
             shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()
-                             if k.startswith(("reward/total", "eval/", "train/loss", "train/kl",
-                                              "train/approx_kl", "train/clipfrac",
-                                              "train/skipped_nonfinite", "time/epoch")))
+                             if k.endswith("_mean") and k.startswith("eval/") or k in (
+                                 "reward/total_mean", "train/loss", "train/kl", "train/approx_kl",
+                                 "train/clipfrac", "train/skipped_nonfinite", "time/epoch_s"))
             tqdm.write(f"epoch {step}: {shown}")
 
 

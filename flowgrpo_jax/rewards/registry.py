@@ -111,6 +111,12 @@ def options_in_use(weights: dict, options: dict) -> dict:
     return {name: values for name, values in options.items() if name in weights}
 
 
+def merged_options(options: dict, overrides: dict) -> dict:
+    """`options` ({reward: {key: value}}) with `overrides` laid over them, reward by reward."""
+    return {name: {**options.get(name, {}), **overrides.get(name, {})}
+            for name in {**options, **overrides}}
+
+
 class WeightedReward:
     """Several rewards built once; a call gives the weighted total and every component.
 
