@@ -5,11 +5,14 @@
         --config.prompts.test_file=ocr/test.txt
 
 Prompts are a text file, one per line, the text to render between double quotes. The reward
-server runs `ocr` (rapidocr-onnxruntime, offline). Should reach: OCR accuracy 0.59 (base) ->
-0.92 (paper). Hyperparameters as sd35m_geneval (beta 0.04).
+server runs `ocr` (rapidocr-onnxruntime, offline; its agreement with the reference's PaddleOCR
+scoring: docs/rewards.md). Reproduces the reference's config/grpo.py:general_ocr_sd3. Should
+reach: OCR accuracy 0.59 (base) -> 0.92 (paper). Hyperparameters as sd35m_geneval (beta 0.04,
+groups of equal rewards dropped, EMA every 8 updates).
 
-Variants (flowgrpo_jax/families/sd3/configs.py): ":fast", ":fast_nocfg", ":full" (full
-fine-tuning, FSDP), ":tiny" (a tiny SD3.5-style pipeline on CPU, given as --config.model.path;
+Variants (flowgrpo_jax/families/sd3/configs.py): ":fast" and ":fast_nocfg" (this project's
+compositions: the reference ships no Fast config for OCR), ":full" (full fine-tuning, FSDP),
+":tiny" (a tiny SD3.5-style pipeline on CPU, given as --config.model.path;
 the reward is jpeg_compressibility, an offline stand-in: a tiny random model draws no text).
 """
 from flowgrpo_jax import config as config_lib
@@ -26,4 +29,5 @@ def get_config(variant: str = ""):
     config.train.beta = 0.04
     config.eval_every, config.save_every = 60, 60
     config.num_epochs = 10000
+    sd3_configs.reference_protocol(config)
     return sd3_configs.variant(config, variant, tiny_rewards="jpeg_compressibility:1.0")

@@ -10,7 +10,10 @@ Should reach: PickScore clearly above the base model's (the paper reports it up,
 quality kept by the KL; beta 0.01, lower than GenEval/OCR's 0.04). Our reward is the
 PickScore logit divided by 26 (docs/rewards.md).
 
-Variants (flowgrpo_jax/families/sd3/configs.py): ":fast", ":fast_nocfg", ":full" (full
+Reproduces the reference's config/grpo.py:pickscore_sd3 (groups of equal rewards dropped, EMA
+every 8 updates). Variants (flowgrpo_jax/families/sd3/configs.py): ":fast_nocfg" (the
+reference's pickscore_sd3_fast_nocfg: the CPS window without CFG, 64 prompts x 18 images an
+epoch), ":fast" (this project's composition: the window with CFG), ":full" (full
 fine-tuning, FSDP), ":tiny" (a tiny SD3.5-style pipeline on CPU, given as --config.model.path;
 reward brightness, a learnable offline stand-in for a CLIP preference model; the pickscore
 options stay in the config and are not used).
@@ -32,4 +35,8 @@ def get_config(variant: str = ""):
     config.train.beta = 0.01
     config.eval_every, config.save_every = 60, 60
     config.num_epochs = 10000
-    return sd3_configs.variant(config, variant, tiny_rewards="brightness:1.0")
+    sd3_configs.reference_protocol(config)
+    config = sd3_configs.variant(config, variant, tiny_rewards="brightness:1.0")
+    if variant == "fast_nocfg":  # the reference's pickscore_sd3_fast_nocfg: 64 prompts x 18
+        config.sample.groups_per_epoch, config.sample.group_size = 64, 18
+    return config

@@ -17,6 +17,16 @@ def sd35m(path: str = "sd35m-flax") -> ml_collections.ConfigDict:
         "max_sequence_length": 128, "attention": "auto"})
 
 
+def reference_protocol(config) -> ml_collections.ConfigDict:
+    """What the reference's SD3.5-M runs (32 GPUs) do beside their hyperparameters: samples of
+    groups whose rewards are all equal leave the updates, and the eval EMA steps every 8
+    updates, each step applied twice (once per sample batch, 2 an update), so its decay is
+    0.9^2 (docs/design.md, section 9)."""
+    config.train.drop_zero_std_groups = True
+    config.train.ema_every, config.train.ema_max_decay = 8, 0.81
+    return config
+
+
 def tiny(config, rewards: str) -> ml_collections.ConfigDict:
     """`config` at CPU size (config.tiny) on a tiny SD3.5-style pipeline, in float32 at 32 px
     with 16 T5 tokens, trained on short text prompts with the offline reward `rewards`. The
