@@ -25,7 +25,7 @@ def test_two_point_grid_runs_tables_and_plots(tmp_path):
     command = [sys.executable, "tools/ablate.py", "--config", "configs/toy_geneval.py:tiny",
                "--grid", "sample.noise_level=0.5,1.0",
                "--set", f"model.path={model}", "reward.rewards=brightness:1.0", "num_epochs=3",
-               "--out", str(out)]
+               "--show", "train/clipfrac", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=train_env())
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads((out / "ablate.json").read_text())["runs"]
@@ -39,8 +39,11 @@ def test_two_point_grid_runs_tables_and_plots(tmp_path):
         assert len(rewards) == 3
         assert run["summary"]["final_reward"] == pytest.approx(np.mean(rewards))
         assert f"{run['summary']['final_reward']:.3f}" in result.stdout
+        clipfrac = [h["train/clipfrac"] for h in run["history"] if "train/clipfrac" in h][-1]
+        assert run["summary"]["shown"] == {"train/clipfrac": clipfrac}
     table = result.stdout[result.stdout.index("sample.noise_level  first reward"):]
     assert [line.split()[0] for line in table.splitlines()[1:3]] == ["0.5", "1.0"]
+    assert table.splitlines()[0].split()[-1] == "train/clipfrac"
     assert Image.open(out / "ablate.png").size[0] > 0
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=train_env())

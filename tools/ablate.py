@@ -10,7 +10,9 @@ type of the key's current value (bool, int, float, str). Results: a table on std
 OUT/ablate.json (every run's overrides, per-epoch reward means and summary) and OUT/ablate.png
 (the reward mean per epoch of every run, drawn with matplotlib; its data in ablate.data.json). A run's "final reward" is the mean of its last
 `--last` epochs' reward means; "eval reward" is the trainer's last eval (when eval_every > 0);
-"epoch s" and "rollout s" (sampling plus the wait for the last rewards) are medians over epochs.
+"epoch s" and "rollout s" (sampling plus the wait for the last rewards) are medians over epochs;
+`--show METRIC ...` adds a column per logged metric with its last value (e.g.
+`train/on_policy/clipfrac`).
 """
 import argparse
 import itertools
@@ -76,7 +78,7 @@ def run_name(overrides: dict) -> str:
     return "_".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()) or "base"
 
 
-def summarize(history: list[dict], last: int) -> dict:
+def summarize(history: list[dict], last: int, show=()) -> dict:
     rewards = [h["reward/total_mean"] for h in history if "reward/total_mean" in h]
     evals = [h["eval/reward_mean"] for h in history if "eval/reward_mean" in h]
     epochs = [h for h in history if "time/epoch_s" in h]
@@ -86,19 +88,22 @@ def summarize(history: list[dict], last: int) -> dict:
             "final_reward": float(np.mean(rewards[-last:])) if rewards else None,
             "eval_reward": evals[-1] if evals else None,
             "median_epoch_s": float(np.median([h["time/epoch_s"] for h in epochs])) if epochs else None,
-            "median_rollout_s": float(np.median(rollout)) if epochs else None}
+            "median_rollout_s": float(np.median(rollout)) if epochs else None,
+            "shown": {name: next((h[name] for h in reversed(history) if name in h), None)
+                      for name in show}}
 
 
 def format_table(results: list[dict]) -> str:
-    keys = list(results[0]["overrides"])
-    header = [*keys, "first reward", "final reward", "eval reward", "epoch s", "rollout s"]
+    keys, shown = list(results[0]["overrides"]), list(results[0]["summary"]["shown"])
+    header = [*keys, "first reward", "final reward", "eval reward", "epoch s", "rollout s", *shown]
     rows = []
     for r in results:
         s = r["summary"]
         rows.append([str(r["overrides"][k]) for k in keys] + [
             "-" if s[name] is None else f"{s[name]:.2f}" if name.endswith("_s") else f"{s[name]:.3f}"
             for name in ("first_reward", "final_reward", "eval_reward", "median_epoch_s",
-                         "median_rollout_s")])
+                         "median_rollout_s")] + [
+            "-" if s["shown"][name] is None else f"{s['shown'][name]:.6g}" for name in shown])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
@@ -114,6 +119,8 @@ def parse_args(argv):
                         help="fixed overrides of every run")
     parser.add_argument("--out", default="runs/ablate", help="folder of the runs and results")
     parser.add_argument("--last", type=int, default=3, help="epochs averaged into the final reward")
+    parser.add_argument("--show", nargs="*", default=[], metavar="METRIC",
+                        help="logged metrics whose last value each run's row shows")
     return parser.parse_args(argv)
 
 
@@ -151,7 +158,7 @@ def main(argv=None) -> int:
             print(f"grid stopped: {e}", file=sys.stderr)
             return 1
         results.append({"name": name, "overrides": overrides, "history": history,
-                        "summary": summarize(history, args.last),
+                        "summary": summarize(history, args.last, args.show),
                         "seconds": round(time.perf_counter() - started, 1)})
     table = format_table(results)
     print(table)
