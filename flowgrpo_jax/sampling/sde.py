@@ -1,7 +1,8 @@
 """One sampler step that either samples the next latent or scores a given one.
 
-Rollout and training call this same function, so the log-probabilities they compute use
-identical float32 math (the reference's bf16 sampling/training mismatch cannot happen).
+Rollout and training call this same function, so the log-probabilities they compute use the
+same float32 math on the velocity the network gives each of them (which in bfloat16 differs
+between the two programs: docs/design.md, section 7).
 
 Kinds (time runs from sigma = 1, noise, to sigma = 0, data; dt = sigma_next - sigma < 0):
 
