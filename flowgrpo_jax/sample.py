@@ -17,7 +17,7 @@ from flowgrpo_jax.families.sd3 import DTYPES
 from flowgrpo_jax.families.sd3.loading import load_pipeline
 from flowgrpo_jax.families.sd3.pipeline import sample
 from flowgrpo_jax.logging_utils import image_grid
-from flowgrpo_jax.sampling.sde import KINDS
+from flowgrpo_jax.sampling.rollout import SAMPLERS
 
 
 def parse_args(argv):
@@ -29,7 +29,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=4.5, help="CFG scale; <= 1 turns CFG off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kind", choices=KINDS, default="ode", help="the step kind")
+    parser.add_argument("--kind", choices=SAMPLERS, default="ode", help="the sampler")
     parser.add_argument("--noise_level", type=float, default=0.7, help="for sde / cps")
     parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
     parser.add_argument("--width", type=int, default=None)

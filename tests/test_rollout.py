@@ -142,3 +142,32 @@ def test_window_runs_sde_inside_and_ode_outside(model, inputs):
 def test_rejects_bad_window(model, inputs, window):
     with pytest.raises(ValueError, match="window"):
         run(model, inputs, window=window)
+
+
+def test_the_dpm2_sampler_steps_as_dpm_py_and_records_what_is_asked(model, inputs):
+    """DPM-Solver++(2M) in the scan (prev x0 carried, the step index traced) gives the Python
+    loop of sampling.dpm.dpm2_step; records=() keeps the final latents and sigmas only, and
+    "means" keeps each step's mean (the next latent, for a deterministic sampler)."""
+    from flowgrpo_jax.sampling.dpm import dpm2_step
+    velocity_fn, params = model
+    latents, text, uncond = inputs
+    out = run(model, inputs, kind="dpm2", records=("next_latents", "means"))
+    x, prev_x0 = latents, latents
+    for i in range(len(SIGMAS) - 1):
+        v = guided_velocity(velocity_fn, params, x, jnp.full((BATCH,), SIGMAS[i]), text,
+                            guidance_scale=GUIDANCE, uncond_text=uncond)
+        x, prev_x0 = dpm2_step(x, v, prev_x0, SIGMAS[max(i - 1, 0)], SIGMAS[i], SIGMAS[i + 1],
+                               step_index=i, num_steps=len(SIGMAS) - 1)
+        np.testing.assert_allclose(out.next_latents[:, i], x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out.means, out.next_latents)
+    assert out.latents is None and out.log_probs is None
+    bare = run(model, inputs, kind="dpm2", records=())
+    assert bare.next_latents is None and bare.means is None
+    np.testing.assert_array_equal(bare.final_latents, out.final_latents)
+
+
+@pytest.mark.parametrize("window", [None, Window(3, 0, 5), Window(3, 7, 10)])
+def test_the_trajectory_holds_each_kept_latent_once(model, inputs, window):
+    out = run(model, inputs, window=window)
+    np.testing.assert_array_equal(out.trajectory[:, :-1], out.latents)
+    np.testing.assert_array_equal(out.trajectory[:, 1:], out.next_latents)

@@ -18,9 +18,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flowgrpo_jax.sampling.sde import StepOutput, sde_step
+from flowgrpo_jax.sampling.dpm import dpm2_step
+from flowgrpo_jax.sampling.sde import KINDS, StepOutput, sde_step
 
 TIMESTEP_SCALE = 1000.0  # the model's time input is 1000*sigma (num_train_timesteps)
+# A rollout's samplers: the step kinds of sde.py, and DPM-Solver++(2M) (deterministic, dpm.py).
+SAMPLERS = KINDS + ("dpm2",)
 
 
 class Window(NamedTuple):
@@ -35,8 +38,10 @@ class Window(NamedTuple):
 class Rollout(NamedTuple):
     """Per-step records, batch-major: (B, T, ...) with T the number of returned steps (all steps,
     or the window's size). Step j goes latents[:, j] -> next_latents[:, j] from sigmas[:, j] to
-    next_sigmas[:, j]; log_probs[:, j] is its log-prob. final_latents (B, ...) is the sample at
-    sigma = 0. All float32."""
+    next_sigmas[:, j]; log_probs[:, j] is its log-prob and means[:, j] its Gaussian mean.
+    trajectory (B, T + 1, ...) holds the same latents once: step j goes trajectory[:, j] ->
+    trajectory[:, j + 1]. final_latents (B, ...) is the sample at sigma = 0. All float32; a
+    per-step record that was not asked for (`records`) is None."""
 
     latents: jax.Array
     next_latents: jax.Array
@@ -44,6 +49,12 @@ class Rollout(NamedTuple):
     sigmas: jax.Array
     next_sigmas: jax.Array
     final_latents: jax.Array
+    means: jax.Array = None
+    trajectory: jax.Array = None
+
+
+# The per-step records of a rollout (Rollout fields); sigmas come with every rollout.
+STEP_RECORDS = ("latents", "next_latents", "log_probs", "means", "trajectory")
 
 
 def _with_uncond_first(uncond_text, text):
@@ -78,9 +89,11 @@ def _check_window(window, num_steps):
 
 
 def trajectory(velocity_fn, params, latents, text, sigmas, key, noise_level, guidance_scale,
-               uncond_text, *, kind, window, debug_loop: bool = False) -> Rollout:
+               uncond_text, *, kind, window, records=STEP_RECORDS,
+               debug_loop: bool = False) -> Rollout:
     """The pure rollout behind `rollout` (arguments as there, `window` checked), for callers
-    that jit it themselves (the trainer places it on a mesh)."""
+    that jit it themselves (the trainer places it on a mesh). Only the per-step `records`
+    (of STEP_RECORDS) are kept."""
     num_steps = sigmas.shape[0] - 1
     batch = latents.shape[0]
     sigmas = sigmas.astype(jnp.float32)
@@ -94,48 +107,69 @@ def trajectory(velocity_fn, params, latents, text, sigmas, key, noise_level, gui
         step_ids = jnp.arange(num_steps)
         stochastic = (step_ids >= start) & (step_ids < start + window.size)
 
-    def step(x, inputs):
-        sigma, sigma_next, step_key, use_kind = inputs
+    def step(carry, inputs):
+        x, prev_x0 = carry  # prev_x0: the last step's x0 estimate, for dpm2
+        sigma_prev, sigma, sigma_next, step_key, use_kind, index = inputs
         sigma_b = jnp.full((batch,), sigma)
         v = guided_velocity(velocity_fn, params, x, sigma_b, text,
                             guidance_scale=guidance_scale, uncond_text=uncond_text)
-        out = sde_step(v, x, sigma_b, sigma_next, kind=kind, noise_level=noise_level,
-                       sigma_max=sigma_max, key=step_key)
+        if kind == "dpm2":
+            x_next, prev_x0 = dpm2_step(x, v, prev_x0, sigma_prev, sigma, sigma_next,
+                                        step_index=index, num_steps=num_steps)
+            zeros = jnp.zeros((batch,), jnp.float32)
+            out = StepOutput(x_next, zeros, x_next, zeros, zeros)
+        else:
+            out = sde_step(v, x, sigma_b, sigma_next, kind=kind, noise_level=noise_level,
+                           sigma_max=sigma_max, key=step_key)
         if window is not None:
             ode = sde_step(v, x, sigma_b, sigma_next, kind="ode", noise_level=noise_level, sigma_max=sigma_max)
             out = jax.tree.map(partial(jnp.where, use_kind), out, ode)
-        return out.next_sample, (x, out.next_sample, out.log_prob)
+        per_step = {"latents": x, "next_latents": out.next_sample, "log_probs": out.log_prob,
+                    "means": out.mean, "trajectory": x}
+        return (out.next_sample, prev_x0), {name: per_step[name] for name in records}
 
-    inputs = (sigmas[:-1], sigmas[1:], step_keys, stochastic)
+    inputs = (jnp.concatenate([sigmas[:1], sigmas[:-2]]), sigmas[:-1], sigmas[1:], step_keys,
+              stochastic, jnp.arange(num_steps))
+    x = latents.astype(jnp.float32)
     if debug_loop:
-        x, records = latents.astype(jnp.float32), []
+        carry, outputs = (x, x), []
         for i in range(num_steps):
-            x, record = step(x, jax.tree.map(lambda a: a[i], inputs))
-            records.append(record)
-        final, per_step = x, jax.tree.map(lambda *a: jnp.stack(a), *records)
+            carry, output = step(carry, jax.tree.map(lambda a: a[i], inputs))
+            outputs.append(output)
+        final, per_step = carry[0], jax.tree.map(lambda *a: jnp.stack(a), *outputs)
     else:
-        final, per_step = jax.lax.scan(step, latents.astype(jnp.float32), inputs)
+        (final, _), per_step = jax.lax.scan(step, (x, x), inputs)
 
     num_kept = num_steps if window is None else window.size
     keep = lambda a: jax.lax.dynamic_slice_in_dim(a, start, num_kept, axis=0)
-    step_latents, next_latents, log_probs = (jnp.swapaxes(keep(a), 0, 1) for a in per_step)
+    kept = {name: jnp.swapaxes(keep(a), 0, 1) for name, a in per_step.items()}
+    if "trajectory" in kept:  # the kept steps' inputs, then the last kept step's output
+        after = start + num_kept  # the step whose input that output is, or the end
+        next_input = jax.lax.dynamic_index_in_dim(per_step["trajectory"],
+                                                  jnp.minimum(after, num_steps - 1), 0, False)
+        last = jnp.where(after < num_steps, next_input, final)
+        kept["trajectory"] = jnp.concatenate([kept["trajectory"], last[:, None]], axis=1)
     per_sample = lambda s: jnp.broadcast_to(keep(s), (batch, num_kept))
-    return Rollout(step_latents, next_latents, log_probs, per_sample(sigmas[:-1]),
-                   per_sample(sigmas[1:]), final)
+    return Rollout(sigmas=per_sample(sigmas[:-1]), next_sigmas=per_sample(sigmas[1:]),
+                   final_latents=final, **{name: kept.get(name) for name in STEP_RECORDS})
 
 
-_rollout_jit = jax.jit(trajectory, static_argnames=("velocity_fn", "kind", "window", "debug_loop"))
+_rollout_jit = jax.jit(trajectory, static_argnames=("velocity_fn", "kind", "window", "records",
+                                                   "debug_loop"))
 
 
 def rollout(velocity_fn, params, latents, text, sigmas, *, key, kind: str, noise_level,
-            guidance_scale=1.0, uncond_text=None, window=None, debug_loop: bool = False) -> Rollout:
+            guidance_scale=1.0, uncond_text=None, window=None, records=STEP_RECORDS,
+            debug_loop: bool = False) -> Rollout:
     """Samples from initial noise `latents` (B, H, W, C) along the schedule `sigmas` (N+1,).
 
-    `kind` ("ode", "sde", "cps") is the step kind everywhere, or inside the window when
-    `window = Window(size, lo, hi)` is given (the ODE outside; only the window's steps are
-    returned). The window start and every step's noise come from `key`. CFG is on when
-    `uncond_text` (same structure as `text`, batch B or 1) is given. `debug_loop=True` runs the
-    same step eagerly in a Python loop (for prints and debuggers) instead of the jitted scan.
+    `kind` (of SAMPLERS: "ode", "sde", "cps", "dpm2") is the step kind everywhere, or inside the
+    window when `window = Window(size, lo, hi)` is given (the ODE outside; only the window's
+    steps are returned). The window start and every step's noise come from `key`. CFG is on when
+    `uncond_text` (same structure as `text`, batch B or 1) is given. `records` picks the
+    per-step arrays kept (of STEP_RECORDS; () keeps only the final latents and the sigmas).
+    `debug_loop=True` runs the same step eagerly in a Python loop (for prints and debuggers)
+    instead of the jitted scan.
     """
     sigmas = jnp.asarray(sigmas)
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
@@ -143,7 +177,7 @@ def rollout(velocity_fn, params, latents, text, sigmas, *, key, kind: str, noise
     window = _check_window(window, sigmas.shape[0] - 1)
     run = trajectory if debug_loop else _rollout_jit
     return run(velocity_fn, params, latents, text, sigmas, key, noise_level, guidance_scale, uncond_text,
-               kind=kind, window=window, debug_loop=debug_loop)
+               kind=kind, window=window, records=tuple(records), debug_loop=debug_loop)
 
 
 def score_step(velocity_fn, params, latents, next_latents, sigma, sigma_next, text, *, kind: str,

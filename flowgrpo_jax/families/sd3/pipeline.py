@@ -17,9 +17,8 @@ from flax import nnx
 
 from flowgrpo_jax.families.sd3.loading import SD3Pipeline
 from flowgrpo_jax.generator import nnx_velocity
-from flowgrpo_jax.sampling.rollout import rollout
+from flowgrpo_jax.sampling.rollout import SAMPLERS, rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
-from flowgrpo_jax.sampling.sde import KINDS
 
 
 class PromptTokens(NamedTuple):
@@ -148,10 +147,10 @@ def sample_latents(pipeline: SD3Pipeline, prompts, *, steps: int, guidance: floa
                    kind: str = "ode", noise_level: float = 0.7, height=None, width=None,
                    latents=None, negative_prompt="", max_sequence_length: int = 256) -> jax.Array:
     """Final latents (B, H/8, W/8, 16) float32 from initial noise `latents` (drawn from `key`
-    when None) along the pipeline's flow-match schedule, each step of `kind` (KINDS). CFG when
+    when None) along the pipeline's flow-match schedule, each step of `kind` (SAMPLERS). CFG when
     guidance > 1 (as diffusers)."""
-    if kind not in KINDS:
-        raise ValueError(f"step kind {kind!r} not one of {KINDS}")
+    if kind not in SAMPLERS:
+        raise ValueError(f"sampler {kind!r} not one of {SAMPLERS}")
     prompts = _as_list(prompts, "prompts")
     shape = latent_shape(pipeline, height, width, latents)
     if latents is not None and latents.shape[0] != len(prompts):
@@ -169,7 +168,7 @@ def sample_latents(pipeline: SD3Pipeline, prompts, *, steps: int, guidance: floa
     uncond = TextEmbeddings(negative_embeds, negative_pooled) if use_cfg else None
     out = rollout(nnx_velocity(graphdef, apply_transformer), (state,), jnp.asarray(latents),
                   TextEmbeddings(embeds, pooled), sigmas, key=noise_key, kind=kind, noise_level=noise_level,
-                  guidance_scale=guidance, uncond_text=uncond)
+                  guidance_scale=guidance, uncond_text=uncond, records=())
     return out.final_latents
 
 
