@@ -30,4 +30,9 @@ def get_config(variant: str = ""):
     config.eval_every, config.save_every = 60, 60
     config.num_epochs = 10000
     sd3_configs.reference_protocol(config)
-    return sd3_configs.variant(config, variant, tiny_rewards="jpeg_compressibility:1.0")
+    config = sd3_configs.variant(config, variant, tiny_rewards="jpeg_compressibility:1.0")
+    if "nft" in variant.split(","):  # DiffusionNFT's sd3_ocr: a weaker beta, two updates an
+        # epoch, and an old policy that follows the current one for 75 updates, then slows
+        config.nft.beta, config.train.updates_per_epoch = 0.1, 2
+        config.nft.decay_start, config.nft.decay_rate, config.nft.decay_max = 75, 0.0075, 0.999
+    return config

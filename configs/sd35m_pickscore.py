@@ -37,6 +37,9 @@ def get_config(variant: str = ""):
     config.num_epochs = 10000
     sd3_configs.reference_protocol(config)
     config = sd3_configs.variant(config, variant, tiny_rewards="brightness:1.0")
-    if variant == "fast_nocfg":  # the reference's pickscore_sd3_fast_nocfg: 64 prompts x 18
+    names = variant.split(",")
+    if "fast_nocfg" in names:  # the reference's pickscore_sd3_fast_nocfg: 64 prompts x 18
         config.sample.groups_per_epoch, config.sample.group_size = 64, 18
+    if "guard" in names:  # GRPO-Guard's PickScore clip
+        config.train.clip_range = 4e-6
     return config

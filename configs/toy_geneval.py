@@ -10,8 +10,10 @@ by the local reward process; 150 epochs of 16 prompts x 8 images with the SDE in
 window. Measured on training seed 0: 0.456 held out, 0.737 seen; over seeds 0-3 0.426 and
 0.721 on average (docs/demo.md: the results and the reasons for each setting).
 
-Variant ":tiny" (2 epochs of 16 images, 4 steps): what the tests run, with
-`--config.model.path` pointing at a tiny random toy model.
+Variants: ":nft" (DiffusionNFT) and ":guard" (GRPO-Guard), each with its reference settings
+on this world (docs/demo.md compares the three objectives); ":tiny" (2 epochs of 16 images, 4
+steps): what the tests run, with `--config.model.path` pointing at a tiny random toy model.
+Several join with commas: ":nft,tiny".
 """
 import os
 
@@ -61,8 +63,34 @@ def get_config(variant: str = ""):
     config.eval_every, config.save_every = 25, 25
     config.logging.num_images = 16
 
-    if variant == "tiny":
-        return config_lib.tiny(config)
-    if variant:
-        raise ValueError(f"unknown variant {variant!r} of toy_geneval; known: tiny")
+    for name in filter(None, variant.split(",")):
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r} of toy_geneval; known: {', '.join(VARIANTS)}")
+        config = VARIANTS[name](config)
     return config
+
+
+def nft(config):
+    """DiffusionNFT with its reference settings (docs/design.md, section 13) on this world's
+    batches and rate: rollouts with the 10-step DPM-Solver++(2M) and, as everywhere in NFT,
+    no CFG (evaluation too: the base scores 0.226 held out without it, against 0.388 with),
+    beta 1, KL weight 1e-4, the old policy's decay min(0.001 n, 0.5)."""
+    s, t = config.sample, config.train
+    t.objective = "nft"
+    s.kind, s.guidance_scale, s.window_size = "dpm2", 1.0, 0
+    t.beta, t.timestep_fraction = 1e-4, 0.99
+    config.nft.beta, config.nft.decay_rate, config.nft.decay_max = 1.0, 0.001, 0.5
+    return config
+
+
+def guard(config):
+    """GRPO-Guard with its reference settings (docs/design.md, section 12) in this world's SDE
+    window: clip 2e-6, no KL, per-group advantage std."""
+    t = config.train
+    t.objective = "grpo_guard"
+    t.clip_range, t.beta, t.global_std = 2e-6, 0.0, False
+    return config
+
+
+# Variants, joined by commas and applied in order (e.g. "nft,tiny").
+VARIANTS = {"nft": nft, "guard": guard, "tiny": config_lib.tiny}

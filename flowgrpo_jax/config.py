@@ -16,11 +16,11 @@ import os
 
 import ml_collections
 
-from flowgrpo_jax import families
+from flowgrpo_jax import families, objectives
 from flowgrpo_jax.convert import hub
 from flowgrpo_jax.remat import POLICIES as REMAT_POLICIES
 from flowgrpo_jax.rewards.registry import options_in_use, parse_weights
-from flowgrpo_jax.sampling.sde import KINDS
+from flowgrpo_jax.sampling.rollout import SAMPLERS
 
 
 class ConfigError(ValueError):
@@ -59,7 +59,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.prompts.test_file = ""
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.kind = "sde"  # the rollout's step kind: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    # The rollout's sampler: "sde" (Flow-GRPO), "cps" (coefficients-preserving), or for
+    # objectives without likelihoods also "ode" and "dpm2" (DPM-Solver++(2M), deterministic).
+    c.sample.kind = "sde"
     c.sample.noise_level = 0.7
     c.sample.num_steps = 10
     c.sample.eval_num_steps = 40
@@ -75,6 +77,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.sample.window_hi = 0
 
     c.train = ml_collections.ConfigDict()
+    # The RL objective (flowgrpo_jax/objectives/): "grpo" (Flow-GRPO), "grpo_guard", "nft".
+    c.train.objective = "grpo"
     c.train.learning_rate = 3e-4
     c.train.lr_schedule = "constant"  # "cosine": from learning_rate down to 0 over num_epochs
     c.train.adam_b1 = 0.9
@@ -119,6 +123,20 @@ def defaults() -> ml_collections.ConfigDict:
     c.reward.eval_url = ""  # a running reward server for evaluation ("": as described above)
     c.reward.plugins = ()  # modules or .py files registering more rewards
     c.reward.overlap = True  # score chunk i while chunk i+1 samples (False: wait each chunk)
+
+    # DiffusionNFT's own settings (train.objective="nft"; docs/design.md, section 13): the
+    # strength of its implicit policies, and the old policy's decay after an epoch of n
+    # updates: 0 while n < decay_start, then min((n - decay_start) * decay_rate, decay_max).
+    c.nft = ml_collections.ConfigDict()
+    c.nft.beta = 1.0
+    c.nft.decay_start = 0
+    c.nft.decay_rate = 0.001
+    c.nft.decay_max = 0.5  # 0: the old policy is the current one (fully on-policy)
+
+    # GRPO-Guard's (train.objective="grpo_guard"; docs/design.md, section 12): True takes the
+    # RatioNorm bias as the micro batch's mean, as the reference code does, not per sample.
+    c.guard = ml_collections.ConfigDict()
+    c.guard.batch_bias = False
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: the devices left after fsdp
@@ -220,9 +238,16 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if config.model.get("family") not in families.FAMILIES:
         _fail("model.family", config.model.get("family"),
               f"must name a model family, one of {sorted(families.FAMILIES)}")
-    if s.kind not in KINDS or s.kind == "ode":
-        _fail("sample.kind", s.kind, f"must be one of {tuple(k for k in KINDS if k != 'ode')}: "
-                                     f"the ODE has no log-probabilities to train")
+    if t.objective not in objectives.OBJECTIVES:
+        _fail("train.objective", t.objective, f"must be one of {sorted(objectives.OBJECTIVES)}")
+    if s.kind not in SAMPLERS:
+        _fail("sample.kind", s.kind, f"must be one of {SAMPLERS}")
+    problem = objectives.load(t.objective).check(config)
+    if problem:
+        raise ConfigError(problem)
+    if s.window_size and s.kind not in ("sde", "cps"):
+        _fail("sample.window_size", s.window_size, f"a window holds stochastic steps; "
+                                                   f"sample.kind={s.kind!r} has none")
     if config.prompts.format not in PROMPT_FORMATS:
         _fail("prompts.format", config.prompts.format, f"must be one of {PROMPT_FORMATS}")
     if not config.prompts.train_file:
@@ -361,6 +386,32 @@ def fast(config, *, cfg: bool = True) -> ml_collections.ConfigDict:
     config.train.clip_range, config.train.beta, config.train.timestep_fraction = 1e-5, 0.0, 1.0
     if not cfg:
         s.guidance_scale = 1.0
+    return config
+
+
+def nft(config) -> ml_collections.ConfigDict:
+    """DiffusionNFT as its public SD3.5-M configs run it (its config/nft.py for GenEval and
+    PickScore): rollouts with the 10-step DPM-Solver++(2M) and no CFG (evaluation too), beta 1,
+    KL weight 1e-4, one update an epoch, the old policy's decay min(0.001 n, 0.5), every group
+    kept, the EMA every update at 0.9."""
+    s, t = config.sample, config.train
+    t.objective = "nft"
+    s.kind, s.guidance_scale, s.window_size = "dpm2", 1.0, 0
+    t.beta, t.learning_rate, t.updates_per_epoch = 1e-4, 3e-4, 1
+    t.drop_zero_std_groups, t.global_std = False, True
+    t.ema_every, t.ema_max_decay = 1, 0.9
+    n = config.nft
+    n.beta, n.decay_start, n.decay_rate, n.decay_max = 1.0, 0, 0.001, 0.5
+    return config
+
+
+def guard(config) -> ml_collections.ConfigDict:
+    """GRPO-Guard as its SD3.5-M config runs it (the Flow-GRPO repository's
+    config/grpo_guard.py): Flow-GRPO's rollouts with RatioNorm and per-step reweighting, clip
+    2e-6, lr 1e-4, no KL, per-group advantage std."""
+    t = config.train
+    t.objective = "grpo_guard"
+    t.clip_range, t.learning_rate, t.beta, t.global_std = 2e-6, 1e-4, 0.0, False
     return config
 
 

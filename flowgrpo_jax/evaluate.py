@@ -42,9 +42,8 @@ from flowgrpo_jax import checkpoint as ckpt
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import families, lora_io
 from flowgrpo_jax.generator import Family, Generator, nnx_velocity
-from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.logging_utils import image_grid
-from flowgrpo_jax.programs import build_trainable_model, optimizer_for_config
+from flowgrpo_jax.programs import abstract_state, build_trainable_model
 from flowgrpo_jax.prompts import PromptSet, load_prompts
 from flowgrpo_jax.rewards import registry
 from flowgrpo_jax.sampling.rollout import rollout
@@ -77,8 +76,7 @@ def workdir_model(workdir: str) -> tuple[ml_collections.ConfigDict, Model]:
     generator = family.build(config.model)
     model = build_trainable_model(config, family, generator, load_adapter=False)
     _, trained = ckpt.restore_trained_params(
-        workdir, ts.init_train_state(model.trainable, optimizer_for_config(config)),
-        ema=config.train.ema)
+        workdir, abstract_state(config, model.trainable, jax.devices()[0]), ema=config.train.ema)
     return config, Model(family, generator, (trained, model.frozen), model.velocity)
 
 
@@ -142,7 +140,7 @@ def ode_images(model: Model, prompts: list[str], noise: jax.Array, *, num_steps:
     uncond = generator.encode([model.family.negative_prompt]) if guidance_scale > 1 else None
     out = rollout(model.velocity_fn, model.params, noise, generator.encode(prompts), sigmas,
                   key=jax.random.key(0), kind="ode", noise_level=0.0,
-                  guidance_scale=guidance_scale, uncond_text=uncond)
+                  guidance_scale=guidance_scale, uncond_text=uncond, records=())
     return generator.decode(out.final_latents)
 
 

@@ -40,8 +40,7 @@ from flowgrpo_jax.convert.core import LazyTensor, format_path, parse_path, sourc
 from flowgrpo_jax.convert.safetensors_io import (read_header, read_tensor, stored_dtype,
                                                  write_sharded)
 from flowgrpo_jax.convert.store import PARAMS_FILE
-from flowgrpo_jax.grpo import train_step as ts
-from flowgrpo_jax.programs import build_trainable_model, optimizer_for_config
+from flowgrpo_jax.programs import abstract_state, build_trainable_model
 
 FORMATS = ("peft", "diffusers", "merged")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -98,11 +97,7 @@ class Trained:
         generator = self.family.build(config.model, abstract=True)
         model = build_trainable_model(config, self.family, generator, load_adapter=False)
         self.model = generator.model
-        optimizer = optimizer_for_config(config)
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
-            jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), model.trainable))
+        abstract = abstract_state(config, model.trainable, jax.devices("cpu")[0])
         self.ema = bool(ema and config.train.ema)
         self.step, self.params = ckpt.restore_trained_params(workdir, abstract, step=step,
                                                              ema=self.ema)

@@ -14,15 +14,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import families, parallel
-from flowgrpo_jax.grpo import train_step as ts
-from flowgrpo_jax.programs import (build_programs, build_trainable_model, optimizer_for_config,
-                                   rescores, step_config)
-from flowgrpo_jax.sampling.rollout import Window
-from flowgrpo_jax.sampling.schedule import flow_match_schedule
+from flowgrpo_jax import parallel
+from flowgrpo_jax import update as up
+from flowgrpo_jax.programs import OnMesh, build_run, rescores
+from flowgrpo_jax.sampling.rollout import STEP_RECORDS
 
 # libtpu takes a host-wide lock when it loads; compiling needs no TPU, so let it load beside
 # another JAX process of this host (a test run, a second planner). Read when libtpu loads.
@@ -83,10 +80,6 @@ def _per_device_bytes(tree) -> int:
     return total
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _batched(shapes, size: int, sharding):
     """ShapeDtypeStructs of `size` samples of per-sample `shapes`."""
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct((size, *s.shape), s.dtype, sharding=sharding), shapes)
@@ -123,61 +116,48 @@ class RunPlan:
         config_lib.validate(config, len(devices), processes)
         self.devices = len(devices)
         self.memory = memory or chip_memory(devices[0])
-        s = config.sample
-        self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-        mesh = self.mesh
-        self.batch, self.replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-        family = families.load(config.model.family)
-        self.generator = family.build(config.model, remat=config.train.remat, abstract=True)
-        model = build_trainable_model(config, family, self.generator)
-        optimizer = optimizer_for_config(config)
-        place = parallel.placement(mesh)
-        self.trainable = _abstract(model.trainable, parallel.state_shardings(model.trainable, mesh))
-        self.frozen = _abstract(model.frozen, parallel.state_shardings(model.frozen, mesh))
-        state = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), self.trainable)
-        self.state = _abstract(state, parallel.state_shardings(state, mesh))
-        self.reference = None if config.lora.enabled else self.trainable
-        self.encoder = self._module_state(self.generator.encoder, "encoder", place)
-        self.decoder = self._module_state(self.generator.decoder, "decoder", place)
-        self.sigmas = flow_match_schedule(s.num_steps, shift=self.generator.shift)[0]
-        self.step_config = step_config(config, self.sigmas)
-        self.programs = build_programs(self.generator, model.velocity, optimizer, self.step_config,
-                                       mesh, state=self.state, frozen=self.frozen,
-                                       reference=self.reference)
-        self.window = Window(s.window_size, s.window_lo, s.window_hi) if s.window_size else None
+        self.run = run = build_run(config, devices, abstract=True)
+        self.mesh, self.generator, self.programs = run.mesh, run.generator, run.programs
+        self.state, self.frozen, self.reference = run.state, run.frozen, run.reference
+        self.batch, self.replicated = parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
         self.uncond = (self._text(1, self.replicated, self.programs.encode_replicated)
-                       if s.guidance_scale != 1.0 else None)
-        self.weights = _per_device_bytes((self.state, self.frozen, self.reference, self.encoder,
-                                          self.decoder, self.uncond))
+                       if config.sample.guidance_scale != 1.0 else None)
+        self.weights = _per_device_bytes((self.state, self.frozen, self.reference, run.encoder,
+                                          run.decoder, self.uncond))
         self.epoch = config_lib.sizes(config)["epoch"]
-
-    @staticmethod
-    def _module_state(module, role, place):
-        state = nnx.state(module)
-        return _abstract(state, place(role, state))
+        self.records = tuple(r for r in run.objective.records if r in STEP_RECORDS)
 
     def _tokens(self, size, sharding):
         return _batched(self.generator.token_shapes, size, sharding)
 
     def _text(self, size, sharding, program):
-        out = jax.eval_shape(program.jitted, self.encoder, self._tokens(size, sharding))
+        out = jax.eval_shape(program.jitted, self.run.encoder, self._tokens(size, sharding))
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), out)
 
     def _latents(self, size, *steps):
         shape = (size, *steps, *self.generator.latent_shape)
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch)
 
+    def _per_sample(self, size, dtype=jnp.float32, *rest):
+        return jax.ShapeDtypeStruct((size, *rest), dtype, sharding=self.batch)
+
+    def _key(self):
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
+
     def epoch_data(self, size: int, *, log_ratios: bool = False):
-        """The epoch's stored rollouts of `size` samples, as the train step takes them (with
-        `log_ratios`: the exact ones of train.exact_ratio)."""
-        steps = self.config.sample.window_size or self.config.sample.num_steps
-        per_step = jax.ShapeDtypeStruct((size, steps), jnp.float32, sharding=self.batch)
-        trained = jax.ShapeDtypeStruct((size, self.step_config.num_train_steps), jnp.float32,
-                                       sharding=self.batch)
-        return ts.TrainBatch(self._latents(size, steps), self._latents(size, steps), per_step, per_step,
-                             per_step, jax.ShapeDtypeStruct((size,), jnp.float32, sharding=self.batch),
-                             self._text(size, self.batch, self.programs.encode),
-                             trained if log_ratios else None)
+        """The epoch's stored rollouts of `size` samples as the update takes them: the
+        objective's records (their shapes from the rollout program itself), the text, the
+        sample ids and targets, and with `log_ratios` the exact ones of train.exact_ratio."""
+        program, args = self._rollout(size)[:2]
+        out = jax.eval_shape(program.jitted, *args)
+        data = {name: self._per_sample(size, getattr(out, name).dtype, *getattr(out, name).shape[1:])
+                for name in self.run.objective.records}
+        data.update(text=self._text(size, self.batch, self.programs.encode),
+                    ids=self._per_sample(size, jnp.int32), targets=self._per_sample(size))
+        if log_ratios:
+            data["log_ratios"] = self._per_sample(size, jnp.float32, self.run.settings.num_terms)
+        return data
 
     # ---- the programs, as (jitted, args, bytes of the args the run keeps, resident others, trips)
 
@@ -186,49 +166,59 @@ class RunPlan:
         return self.weights + _per_device_bytes(self.epoch_data(self.epoch - chunk_size))
 
     def encode(self, size):
-        return (self.programs.encode, (self.encoder, self._tokens(size, self.batch)),
-                _per_device_bytes(self.encoder), self._sampling_resident(size), 1)
+        return (self.programs.encode, (self.run.encoder, self._tokens(size, self.batch)),
+                _per_device_bytes(self.run.encoder), self._sampling_resident(size), 1)
+
+    def _rollout(self, size, *, eval_: bool = False):
+        s, run = self.config.sample, self.run
+        steps = s.eval_num_steps if eval_ else s.num_steps
+        program = (self.programs.rollout("ode", None, ()) if eval_ else
+                   self.programs.rollout(s.kind, run.window, self.records))
+        sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=self.replicated)
+        params = (self.state.ema_params if eval_ else
+                  run.objective.sampling_params(self.state.params, self.state.extra))
+        hyper = self.state.hyper
+        args = ((params, self.frozen), self._latents(size), self._text(
+            size, self.batch, self.programs.encode), sigmas, self._key(), hyper["noise_level"],
+            hyper["guidance_scale"], self.uncond)
+        return program, args, steps
 
     def rollout(self, size, *, eval_: bool = False):
-        s = self.config.sample
-        steps = s.eval_num_steps if eval_ else s.num_steps
-        program = self.programs.rollout("ode" if eval_ else s.kind, None if eval_ else self.window)
-        sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=self.replicated)
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
-        args = ((self.state.params, self.frozen), self._latents(size), self._text(
-            size, self.batch, self.programs.encode), sigmas, key, s.noise_level, s.guidance_scale,
-            self.uncond)
-        kept = _per_device_bytes((self.state.params, self.frozen, self.uncond))
+        program, args, steps = self._rollout(size, eval_=eval_)
+        kept = _per_device_bytes((args[0], self.uncond))
         resident = self.weights if eval_ else self._sampling_resident(size)
         return program, args, kept, resident, steps
 
     def decode(self, size, *, eval_: bool = False):
         resident = self.weights if eval_ else self._sampling_resident(size)
-        return (self.programs.decode, (self.decoder, self._latents(size)),
-                _per_device_bytes(self.decoder), resident, 1)
+        return (self.programs.decode, (self.run.decoder, self._latents(size)),
+                _per_device_bytes(self.run.decoder), resident, 1)
 
     def train(self, micro_size):
-        config = dataclasses.replace(self.step_config, micro_batch_size=micro_size)
-        step = self.programs.train_step if micro_size == self.step_config.micro_batch_size else \
-            build_programs(self.generator, self.programs.velocity, optimizer_for_config(self.config),
-                           config, self.mesh, state=self.state, frozen=self.frozen,
-                           reference=self.reference).train_step
+        run = self.run
+        settings = dataclasses.replace(run.settings, micro_batch_size=micro_size)
+        step = self.programs.train_step if micro_size == run.settings.micro_batch_size else OnMesh(
+            up.make_train_step(run.objective, self.programs.velocity, run.optimizer, settings,
+                               self.mesh, state=self.state, frozen=self.frozen,
+                               reference=self.reference), self.mesh)
         update = config_lib.sizes(self.config)["update"]
-        batch = self.epoch_data(update, log_ratios=self.config.train.exact_ratio)
-        args = (self.state, self.frozen, self.reference, batch, self.uncond)
+        batch = self.epoch_data(update, log_ratios=bool(self.programs.rescore is not None
+                                                        and self.config.train.exact_ratio))
+        args = (self.state, self.frozen, self.reference, batch, self.uncond, self._key())
         kept = _per_device_bytes((self.state, self.frozen, self.reference, self.uncond))
         resident = self.weights + _per_device_bytes(self.epoch_data(self.epoch))
-        trips = update // micro_size * self.step_config.num_train_steps
+        trips = update // micro_size * run.objective.num_terms(run.settings)
         return step, args, kept, resident, trips
 
     def rescore(self):
-        """The forward-only rescoring of one update's samples (exact ratios, train_step.py)."""
+        """The forward-only rescoring of one update's samples (exact ratios, update.py)."""
+        settings = self.run.settings
         update = config_lib.sizes(self.config)["update"]
-        args = (self.state.params, self.frozen, self.epoch_data(update), self.uncond)
+        args = (self.state.params, self.frozen, self.state.hyper, self.epoch_data(update),
+                self.uncond)
         kept = _per_device_bytes((self.state.params, self.frozen, self.uncond))
         resident = self.weights + _per_device_bytes(self.epoch_data(self.epoch))
-        trips = update // self.step_config.micro_batch_size * self.step_config.num_train_steps
+        trips = update // settings.micro_batch_size * settings.num_terms
         return self.programs.rescore, args, kept, resident, trips
 
     def sampling_phase(self, chunk_size: int) -> Compiled:
@@ -367,7 +357,8 @@ def plan(config, devices, topology: str, *, search: bool = True, memory: int | N
         "eval decode": (eval_chunk, lambda: run.decode(s.eval_batch_size, eval_=True)),
     }
     compiled = [run.compile(name, builders[name][0], builders[name][1]())
-                for name in PROGRAMS if name in programs and (name != "rescore" or rescores(config))]
+                for name in PROGRAMS
+                if name in programs and (name != "rescore" or rescores(config, run.run.objective))]
     result = Plan(topology, n, run.memory, compiled)
     if not search:
         return result

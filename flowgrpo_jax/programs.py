@@ -1,26 +1,32 @@
-"""What a training run builds from its config: the trainable split of the model, the optimizer,
-the update's settings, and the jitted programs over the run's device mesh.
+"""What a training run builds from its config, for the trainer and the planner alike: the
+trainable split of the model, the objective, the optimizer, the update's settings and
+hyperparameters, the train state, and the jitted programs over the run's device mesh.
 
 A run compiles: prompt encoding (a chunk's prompts, and the negative prompt once), a rollout
-chunk (the sampler's kind and window) and the eval rollout (the ODE), decoding a chunk's final
-latents, the GRPO update and, for exact ratios over several updates an epoch, the forward-only
-rescoring of an update's samples. Each is traced, compiled and called under the mesh
-(`jax.set_mesh`), which the TPU attention kernel needs to split the batch over the devices.
-The trainer calls them; the planner (`plan.py`) compiles the same objects for a TPU topology
-from abstract inputs, so what it measures is what a run executes.
+chunk (the sampler's kind and window, keeping the records its objective reads) and the eval
+rollout (the ODE), decoding a chunk's final latents, the update and, for exact ratios over
+several updates an epoch, the forward-only rescoring of an update's samples, and the
+objective's step after an epoch (NFT's old policy). Each is traced, compiled and called under
+the mesh (`jax.set_mesh`), which the TPU attention kernel needs to split the batch over the
+devices. `build_run` makes them, with real weights for the trainer or with shapes only for the
+planner (`plan.py`), so what the planner measures is what a run executes.
 """
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from flowgrpo_jax import lora_io, parallel
+from flowgrpo_jax import families, lora_io, objectives, parallel
+from flowgrpo_jax import update as up
 from flowgrpo_jax.generator import Family, Generator, nnx_velocity
-from flowgrpo_jax.grpo import train_step as ts
 from flowgrpo_jax.lora import apply_lora
-from flowgrpo_jax.sampling.rollout import Window, trajectory
+from flowgrpo_jax.objectives.base import Objective
+from flowgrpo_jax.sampling.rollout import STEP_RECORDS, Window, trajectory
+from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
 
 @dataclasses.dataclass
@@ -33,11 +39,46 @@ class TrainableModel:
 
 
 def optimizer_for_config(config):
-    """The config's AdamW; "cosine" decays the rate over all of the run's updates."""
+    """The config's AdamW (its rate set by each update from the train state)."""
     t = config.train
-    decay_steps = config.num_epochs * t.updates_per_epoch if t.get("lr_schedule") == "cosine" else 0
-    return ts.make_optimizer(t.learning_rate, t.adam_b1, t.adam_b2, t.weight_decay, t.adam_eps,
-                             t.max_grad_norm, decay_steps)
+    return up.make_optimizer(t.adam_b1, t.adam_b2, t.weight_decay, t.adam_eps, t.max_grad_norm)
+
+
+def hyperparameters_for(config, objective: Objective) -> dict:
+    """The numeric hyperparameters of the train state: the shared ones and the objective's."""
+    s, t = config.sample, config.train
+    return {"learning_rate": t.learning_rate, "beta": t.beta, "ema_max_decay": t.ema_max_decay,
+            "noise_level": s.noise_level, "guidance_scale": s.guidance_scale,
+            **objective.hyperparameters(config)}
+
+
+def settings_for(config, sigmas) -> up.Settings:
+    """The update's fixed settings from the config; `sigmas` is the training schedule."""
+    s, t = config.sample, config.train
+    decay = config.num_epochs * t.updates_per_epoch if t.get("lr_schedule") == "cosine" else 0
+    return up.Settings(
+        num_terms=up.num_train_timesteps(s.window_size or s.num_steps, t.timestep_fraction),
+        micro_batch_size=t.micro_batch_size, sigma_max=float(sigmas[1]), kind=s.kind,
+        train_sigmas=tuple(float(x) for x in sigmas[:-1]), kl=t.beta > 0,
+        adv_clip_max=t.adv_clip_max, ema_every=t.get("ema_every", 1), lr_decay_steps=decay)
+
+
+def abstract_state(config, trainable, device):
+    """The train state of a run of `config` on `trainable` params, as shapes on `device` (to
+    restore a checkpoint into)."""
+    objective = objectives.for_config(config)
+    hyper = hyperparameters_for(config, objective)
+    state = jax.eval_shape(lambda p: up.init_train_state(
+        p, optimizer_for_config(config), hyper, objective.init_extra(p)), trainable)
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state)
+
+
+def rescores(config, objective: Objective) -> bool:
+    """Whether a run rescores for exact ratios: a likelihood objective, train.exact_ratio, and
+    updates after an epoch's first (grpo update docs)."""
+    return bool(objective.ratio_records and config.train.exact_ratio
+                and config.train.updates_per_epoch > 1)
 
 
 def build_trainable_model(config, family: Family, generator: Generator, *,
@@ -73,23 +114,6 @@ def load_lora_adapter(config, family: Family, model) -> None:
     lora_io.set_from_adapter(model, family.torch, adapter, where=where)
 
 
-def step_config(config, sigmas) -> ts.StepConfig:
-    """The GRPO update's settings from the config; `sigmas` is the training schedule."""
-    s, t = config.sample, config.train
-    return ts.StepConfig(
-        sigma_max=float(sigmas[1]),
-        num_train_steps=ts.num_train_timesteps(s.window_size or s.num_steps, t.timestep_fraction),
-        micro_batch_size=t.micro_batch_size, kind=s.kind, noise_level=s.noise_level,
-        guidance_scale=s.guidance_scale, clip_range=t.clip_range, beta=t.beta,
-        ema_max_decay=t.ema_max_decay, ema_every=t.ema_every)
-
-
-def rescores(config) -> bool:
-    """Whether a run computes exact ratios with the rescore program: after an epoch's first
-    update, which needs none (grpo/train_step.py)."""
-    return config.train.exact_ratio and config.train.updates_per_epoch > 1
-
-
 class OnMesh:
     """A jitted function whose traces, compiles and calls run under `mesh`."""
 
@@ -117,35 +141,120 @@ class Programs:
     encode: OnMesh  # (encoder state, tokens) -> text, batch-sharded
     encode_replicated: OnMesh  # the same on a replicated batch (the negative prompt)
     decode: OnMesh  # (decoder state, final latents) -> uint8 images, batch-sharded
-    train_step: OnMesh  # grpo.train_step.make_train_step's step
-    rescore: OnMesh  # grpo.train_step.make_rescore's (params, frozen, batch, uncond) -> (B, n)
+    train_step: OnMesh  # update.make_train_step's step
+    rescore: OnMesh | None  # update.make_rescore's, for likelihood objectives
+    log_ratio: OnMesh | None  # (records, records at sampling) -> the exact log-ratios (B, n)
+    after_epoch: OnMesh | None  # update.make_after_epoch's, when the objective has one
     velocity: Callable  # velocity_fn((trainable, frozen), x, t, text)
 
     _rollouts: dict = dataclasses.field(default_factory=dict)
 
-    def rollout(self, kind: str, window: Window | None = None) -> OnMesh:
+    def rollout(self, kind: str, window: Window | None = None, records=STEP_RECORDS) -> OnMesh:
         """(params, latents, text, sigmas, key, noise_level, guidance_scale, uncond_text) ->
         Rollout, batch-sharded (sampling.rollout.rollout's arguments)."""
-        if (kind, window) not in self._rollouts:
-            fn = functools.partial(trajectory, self.velocity, kind=kind, window=window)
-            self._rollouts[kind, window] = OnMesh(
+        records = tuple(records)
+        if (kind, window, records) not in self._rollouts:
+            fn = functools.partial(trajectory, self.velocity, kind=kind, window=window,
+                                   records=records)
+            self._rollouts[kind, window, records] = OnMesh(
                 jax.jit(fn, out_shardings=parallel.batch_sharding(self.mesh)), self.mesh)
-        return self._rollouts[kind, window]
+        return self._rollouts[kind, window, records]
 
 
-def build_programs(generator: Generator, velocity, optimizer, step_config: ts.StepConfig, mesh, *,
-                   state, frozen, reference=None) -> Programs:
-    """The run's programs; `state`, `frozen` and `reference` (real or abstract) give the train
-    step's shardings, as in make_train_step."""
+def build_programs(generator: Generator, objective: Objective, velocity, optimizer,
+                   settings: up.Settings, mesh, *, state, frozen, reference=None) -> Programs:
+    """The run's programs; `state`, `frozen` and `reference` (real or abstract) give the
+    update's shardings, as in update.make_train_step."""
     batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     encode = _module_fn(generator.encoder, generator.encode_tokens)
     decode = _module_fn(generator.decoder, generator.decode_latents)
-    step = ts.make_train_step(velocity, optimizer, step_config, mesh, state=state, frozen=frozen,
-                              reference=reference)
-    rescore = ts.make_rescore(velocity, step_config, mesh, state=state, frozen=frozen)
+    on_mesh = lambda jitted: None if jitted is None else OnMesh(jitted, mesh)
+    step = up.make_train_step(objective, velocity, optimizer, settings, mesh, state=state,
+                              frozen=frozen, reference=reference)
+    likelihood = bool(objective.ratio_records)
+    rescore = (up.make_rescore(objective, velocity, settings, mesh, state=state, frozen=frozen)
+               if likelihood else None)
+    log_ratio = jax.jit(objective.log_ratio, out_shardings=batch) if likelihood else None
     return Programs(
         mesh=mesh,
         encode=OnMesh(jax.jit(encode, out_shardings=batch), mesh),
         encode_replicated=OnMesh(jax.jit(encode, out_shardings=replicated), mesh),
         decode=OnMesh(jax.jit(decode, out_shardings=batch), mesh),
-        train_step=OnMesh(step, mesh), rescore=OnMesh(rescore, mesh), velocity=velocity)
+        train_step=OnMesh(step, mesh), rescore=on_mesh(rescore), log_ratio=on_mesh(log_ratio),
+        after_epoch=on_mesh(up.make_after_epoch(objective, mesh, state=state)),
+        velocity=velocity)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                        shardings)
+
+
+def _placed_state(module, role: str, place, abstract: bool):
+    """The state of a frozen generator module (nnx.state) on its shardings."""
+    state = nnx.state(module)
+    shardings = place(role, state)
+    return _abstract(state, shardings) if abstract else parallel.place(state, shardings)
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run as its config builds it: the same for the trainer (real weights, on
+    this process's devices) and the planner (shapes only, on compile-only devices)."""
+
+    config: Any
+    mesh: jax.sharding.Mesh
+    family: Family
+    generator: Generator
+    objective: Objective
+    optimizer: Any
+    settings: up.Settings
+    state: Any  # update.TrainState, or its ShapeDtypeStructs
+    frozen: Any
+    reference: Any  # the initial trainable params with full fine-tuning; None with LoRA
+    encoder: Any
+    decoder: Any
+    sigmas: Any  # the training schedule
+    eval_sigmas: Any
+    window: Window | None
+    programs: Programs
+
+
+def build_run(config, devices=None, *, abstract: bool = False) -> Run:
+    """The run of `config` on `devices` (default: all), with weights read and placed, or with
+    `abstract` as ShapeDtypeStructs carrying their shardings (no weights read)."""
+    s = config.sample
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    place = parallel.placement(mesh)
+    family = families.load(config.model.family)
+    generator = family.build(config.model, remat=config.train.remat,
+                             place=None if abstract else place, abstract=abstract)
+    model = build_trainable_model(config, family, generator)
+    objective = objectives.for_config(config)
+    optimizer = optimizer_for_config(config)
+    trainable_sh = parallel.state_shardings(model.trainable, mesh)
+    frozen = parallel.state_shardings(model.frozen, mesh)
+    frozen = _abstract(model.frozen, frozen) if abstract else parallel.place(model.frozen, frozen)
+    hyper = hyperparameters_for(config, objective)
+    if abstract:
+        trainable = _abstract(model.trainable, trainable_sh)
+        state = jax.eval_shape(lambda p: up.init_train_state(
+            p, optimizer, hyper, objective.init_extra(p)), trainable)
+        state = _abstract(state, parallel.state_shardings(state, mesh))
+        reference = None if config.lora.enabled else trainable
+    else:
+        trainable = parallel.place(model.trainable, trainable_sh)
+        # Full fine-tuning keeps the initial weights as the KL reference; LoRA switches itself off.
+        reference = None if config.lora.enabled else jax.tree.map(jnp.copy, trainable)
+        state = up.create_train_state(trainable, optimizer, mesh, hyper, objective)
+    sigmas = flow_match_schedule(s.num_steps, shift=generator.shift)[0]
+    settings = settings_for(config, sigmas)
+    return Run(
+        config=config, mesh=mesh, family=family, generator=generator, objective=objective,
+        optimizer=optimizer, settings=settings, state=state, frozen=frozen, reference=reference,
+        encoder=_placed_state(generator.encoder, "encoder", place, abstract),
+        decoder=_placed_state(generator.decoder, "decoder", place, abstract),
+        sigmas=sigmas, eval_sigmas=flow_match_schedule(s.eval_num_steps, shift=generator.shift)[0],
+        window=Window(s.window_size, s.window_lo, s.window_hi) if s.window_size else None,
+        programs=build_programs(generator, objective, model.velocity, optimizer, settings, mesh,
+                                state=state, frozen=frozen, reference=reference))

@@ -1,4 +1,5 @@
-"""Flow-GRPO training: sample -> rewards -> advantages -> shuffled GRPO updates, epoch after epoch.
+"""Online RL training: sample -> rewards -> advantages -> shuffled updates, epoch after epoch,
+with the objective of `train.objective` (Flow-GRPO, GRPO-Guard, DiffusionNFT; objectives/).
 
     python -m flowgrpo_jax.train --config configs/sd35m_geneval.py[:variant] --workdir DIR \
         [--config.key=value ...] [--allow_config_change]
@@ -8,11 +9,15 @@
 One epoch:
 1. its prompts (a function of seed and epoch) x group_size samples; every process takes, in
    every rollout chunk, the rows its devices hold;
-2. rollout chunk by chunk (SDE/CPS, CFG, optional window) on the global mesh; each chunk's
-   images are decoded and submitted to the reward server at once, and the next chunk samples
-   while the server scores (the trainer waits only when it needs the rewards);
-3. rewards gathered from all processes; group advantages (the same on every process);
-4. `updates_per_epoch` train steps, each on a slice of a shuffled order of the epoch's samples.
+2. rollout chunk by chunk (the sampler, CFG, optional window; the params the objective samples
+   with; the records it reads) on the global mesh; each chunk's images are decoded and
+   submitted to the reward server at once, and the next chunk samples while the server
+   scores (the trainer waits only when it needs the rewards);
+3. rewards gathered from all processes; group advantages (the same on every process), turned
+   into the objective's per-sample targets;
+4. `updates_per_epoch` updates, each on a slice of a shuffled order of the epoch's samples
+   (exact ratios for likelihood objectives: `_updates`), then the objective's step after an
+   epoch (NFT's old policy).
 Every random draw comes from (seed, epoch, chunk, sample), so an epoch's work does not depend on
 the device count and a resumed run repeats exactly what the uninterrupted one does.
 
@@ -42,27 +47,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from flowgrpo_jax import checkpoint as ckpt
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import families, parallel
+from flowgrpo_jax import parallel
 from flowgrpo_jax.generator import Family
-from flowgrpo_jax.grpo import train_step as ts
-from flowgrpo_jax.grpo.advantages import PerPromptStatTracker
 from flowgrpo_jax.logging_utils import MetricWriter
-from flowgrpo_jax.programs import (build_programs, build_trainable_model, optimizer_for_config,
-                                   step_config)
+from flowgrpo_jax.objectives.advantages import PerPromptStatTracker
+from flowgrpo_jax.programs import build_run
 from flowgrpo_jax.prompts import PromptFileError, epoch_prompt_indices, load_prompts
 from flowgrpo_jax.rewards.client import RewardClient, RewardServerUnreachable
 from flowgrpo_jax.rewards.registry import merged_options, options_in_use, parse_weights
-from flowgrpo_jax.sampling.rollout import Window
-from flowgrpo_jax.sampling.schedule import flow_match_schedule
+from flowgrpo_jax.sampling.rollout import STEP_RECORDS
 
 # Streams folded into an epoch's key; the eval stream is fixed so evals are comparable.
-_NOISE, _ROLLOUT, _SHUFFLE = 0, 1, 2
+_NOISE, _ROLLOUT, _SHUFFLE, _TRAIN = 0, 1, 2, 3
 _EVAL = 2**31 - 1
 
 
@@ -103,12 +104,6 @@ def update_order(keep: np.ndarray, *, seed: int, epoch: int, drop_zero_std: bool
     return order
 
 
-def _placed_state(module, role: str, place):
-    """The state of a frozen generator module (nnx.state) on its shardings."""
-    state = nnx.state(module)
-    return parallel.place(state, place(role, state))
-
-
 def reward_client(config, family: Family, *, evaluation: bool = False) -> RewardClient | None:
     """The run's reward server: the one at config.reward.url, or a local process scoring
     config.reward.rewards, with the family's reward plugins beside the configured ones. Of
@@ -137,7 +132,7 @@ def reward_client(config, family: Family, *, evaluation: bool = False) -> Reward
 class SampledEpoch:
     """One epoch's rollouts, and what this process sent to the reward server."""
 
-    batches: list  # per rollout chunk, a ts.TrainBatch of global arrays; advantages still None
+    batches: list  # per rollout chunk, a dict of global arrays: the objective's records, text, ids
     rewards: list  # per chunk, the future RewardResult of this process's rows
     prompts: list  # per chunk, this process's prompts
     groups: list  # per chunk, the prompt index of each of this process's rows
@@ -167,27 +162,12 @@ class Trainer:
         self.sizes = config_lib.sizes(config)
         s, t = config.sample, config.train
 
-        self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-        place = parallel.placement(self.mesh)
-        self.family = families.load(config.model.family)
-        self.generator = self.family.build(config.model, remat=t.remat, place=place)
-        model = build_trainable_model(config, self.family, self.generator)
-        self.optimizer = optimizer_for_config(config)
-        trainable = parallel.place(model.trainable, parallel.state_shardings(model.trainable, self.mesh))
-        self.frozen = parallel.place(model.frozen, parallel.state_shardings(model.frozen, self.mesh))
-        self.encoder = _placed_state(self.generator.encoder, "encoder", place)
-        self.decoder = _placed_state(self.generator.decoder, "decoder", place)
-        # Full fine-tuning keeps the initial weights as the KL reference; LoRA switches itself off.
-        self.reference = None if config.lora.enabled else jax.tree.map(jnp.copy, trainable)
-        self.state = ts.create_train_state(trainable, self.optimizer, self.mesh)
-
-        self.sigmas = flow_match_schedule(s.num_steps, shift=self.generator.shift)[0]
-        self.eval_sigmas = flow_match_schedule(s.eval_num_steps, shift=self.generator.shift)[0]
-        self.window = Window(s.window_size, s.window_lo, s.window_hi) if s.window_size else None
-        self.step_config = step_config(config, self.sigmas)
-        self.programs = build_programs(self.generator, model.velocity, self.optimizer,
-                                       self.step_config, self.mesh, state=self.state,
-                                       frozen=self.frozen, reference=self.reference)
+        run = build_run(config)
+        self.mesh, self.family, self.generator = run.mesh, run.family, run.generator
+        self.objective, self.programs, self.state = run.objective, run.programs, run.state
+        self.frozen, self.reference = run.frozen, run.reference
+        self.encoder, self.decoder = run.encoder, run.decoder
+        self.sigmas, self.eval_sigmas, self.window = run.sigmas, run.eval_sigmas, run.window
         self.uncond = (self._encode_replicated([self.family.negative_prompt])
                        if s.guidance_scale != 1.0 else None)
         batch_sh = parallel.batch_sharding(self.mesh)
@@ -195,9 +175,8 @@ class Trainer:
                                out_shardings=batch_sh)
         self._take = jax.jit(lambda data, idx: jax.tree.map(lambda a: a[idx], data),
                              out_shardings=batch_sh)
-        self._subtract = jax.jit(jnp.subtract, out_shardings=batch_sh)
         self._zero_ratios = jax.jit(  # an on-policy update's log-ratios
-            lambda: jnp.zeros((self.sizes["update"], self.step_config.num_train_steps)),
+            lambda: jnp.zeros((self.sizes["update"], run.settings.num_terms)),
             out_shardings=batch_sh)
         self._warned_off_policy = False
 
@@ -241,11 +220,15 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Resumes from the newest intact checkpoint; one line per damaged newer one."""
+        """Resumes from the newest intact checkpoint; one line per damaged newer one. The
+        hyperparameters stay the config's (a run resumed with another config trains with its
+        values)."""
+        hyper = self.state.hyper
         restored = self.checkpointer.restore_latest(self.state)
         if restored is None:
             return
-        step, self.state, host, damaged = restored
+        step, state, host, damaged = restored
+        self.state = state.replace(hyper=hyper)
         if self.is_main:
             for bad, problem, moved_to in damaged:
                 print(f"warning: checkpoint {bad} in {self.checkpointer.directory} is damaged "
@@ -268,14 +251,16 @@ class Trainer:
         tokens = parallel.replicate(self.generator.tokenize(prompts), self.mesh)
         return self.programs.encode_replicated(self.encoder, tokens)
 
-    def _sample_chunk(self, params, sigmas, key, noise, prompts, *, kind, window=None):
+    def _sample_chunk(self, params, sigmas, key, noise, prompts, *, kind, window=None,
+                      records=()):
         """One chunk on the global mesh from this process's rows -> (Rollout, text), global."""
         tokens = parallel.shard_batch(self.generator.tokenize(prompts), self.mesh)
         text = self.programs.encode(self.encoder, tokens)
-        s = self.config.sample
-        out = self.programs.rollout(kind, window)(
+        hyper = self.state.hyper
+        out = self.programs.rollout(kind, window, records)(
             params, parallel.shard_batch(noise, self.mesh), text, parallel.replicate(sigmas, self.mesh),
-            parallel.replicate(key, self.mesh), s.noise_level, s.guidance_scale, self.uncond)
+            parallel.replicate(key, self.mesh), hyper["noise_level"], hyper["guidance_scale"],
+            self.uncond)
         return out, text
 
     def _images(self, final_latents) -> np.ndarray:
@@ -291,7 +276,8 @@ class Trainer:
         groups = epoch_prompt_indices(len(self.train_prompts), s.groups_per_epoch,
                                       self.config.seed, self.epoch)
         start, stop_row = parallel.local_range(self.mesh, chunk)
-        params = (self.state.params, self.frozen)
+        params = (self.objective.sampling_params(self.state.params, self.state.extra), self.frozen)
+        records = tuple(r for r in self.objective.records if r in STEP_RECORDS)
         sampled = SampledEpoch([], [], [], [], None)
         for c in tqdm(range(self.sizes["chunks"]), desc=f"epoch {self.epoch} sampling",
                       leave=False, disable=not self.is_main):
@@ -302,13 +288,15 @@ class Trainer:
                                       self.generator.latent_shape))
             out, text = self._sample_chunk(
                 params, self.sigmas, jax.random.fold_in(jax.random.fold_in(epoch_key, _ROLLOUT), c),
-                noise, prompts, kind=s.kind, window=self.window)
+                noise, prompts, kind=s.kind, window=self.window, records=records)
             images = self._images(out.final_latents)
             sampled.rewards.append(self.rewards.submit(images, prompts, metadata))  # scored meanwhile
             if not self.config.reward.overlap:
                 sampled.rewards[-1].result()
-            sampled.batches.append(ts.TrainBatch(out.latents, out.next_latents, out.log_probs,
-                                                 out.sigmas, out.next_sigmas, None, text))
+            batch = {name: getattr(out, name) for name in self.objective.records}
+            batch["text"] = text
+            batch["ids"] = parallel.shard_batch(ids.astype(np.int32), self.mesh)
+            sampled.batches.append(batch)
             sampled.prompts.append(prompts)
             sampled.groups.append(groups[group])
             sampled.images = images if sampled.images is None else sampled.images
@@ -360,21 +348,24 @@ class Trainer:
         order = update_order(advantages.keep, seed=self.config.seed, epoch=self.epoch,
                              drop_zero_std=t.drop_zero_std_groups)
         if order is not None:
-            data = data._replace(advantages=parallel.replicate(advantages.advantages, self.mesh))
+            targets = self.objective.targets(advantages, self.config)
+            data = {**data, "targets": parallel.replicate(targets, self.mesh)}
             step_metrics, metrics["time/rescore_s"] = self._updates(data, order)
             step_metrics = jax.device_get(step_metrics)
             for name in step_metrics[0]:
                 values = [float(m[name]) for m in step_metrics]
                 metrics[f"train/{name}"] = (min(values) if name.endswith("_min") else
                                             max(values) if name.endswith("_max") else np.mean(values))
-            # the epoch's first update is on-policy: its own ratios, apart
-            for name in ("ratio_mean", "ratio_min", "ratio_max", "clipfrac", "approx_kl"):
-                metrics[f"train/on_policy/{name}"] = float(step_metrics[0][name])
-            self._check_on_policy(step_metrics[0])
+            if "ratio_min" in step_metrics[0]:  # the first update is on-policy: its ratios apart
+                for name in ("ratio_mean", "ratio_min", "ratio_max", "clipfrac", "approx_kl"):
+                    metrics[f"train/on_policy/{name}"] = float(step_metrics[0][name])
+                self._check_on_policy(step_metrics[0])
             # the updates the train step skipped for a non-finite loss or gradient norm
             metrics["train/skipped_nonfinite"] = sum(float(m["skipped_nonfinite"])
                                                      for m in step_metrics)
             diverged = self._count_nonfinite(step_metrics)
+        if self.programs.after_epoch is not None:
+            self.state = self.programs.after_epoch(self.state)
         metrics["train/skipped"] = float(order is None)
         metrics["time/sample_s"] = sample_seconds
         metrics["time/reward_wait_s"] = reward_wait
@@ -396,27 +387,31 @@ class Trainer:
 
     def _updates(self, data, order) -> tuple[list, float]:
         """The epoch's updates, each on its slice of `order`; their metrics, and the seconds
-        spent rescoring at the sampling params. With train.exact_ratio the first update's
-        log-ratios are zeros (its params sampled the epoch) and a later update's are the
-        rescore program at its params minus the same program at the sampling params."""
-        size, exact = self.sizes["update"], self.config.train.exact_ratio
+        spent rescoring at the sampling params. With exact ratios (a likelihood objective and
+        train.exact_ratio) the first update's log-ratios are zeros (its params sampled the
+        epoch) and a later update's the objective's log-ratio between the rescore program at
+        its params and the same program at the sampling params."""
+        size = self.sizes["update"]
+        exact = self.config.train.exact_ratio and self.programs.rescore is not None
         updates = range(self.config.train.updates_per_epoch)
         # taken anew each time it is needed: one update's copy of the epoch's data at a time
         take = lambda u: self._take(data, parallel.replicate(order[u * size:(u + 1) * size], self.mesh))
-        rescore = lambda batch: self.programs.rescore(self.state.params, self.frozen, batch,
-                                                      self.uncond)
+        rescore = lambda batch: self.programs.rescore(self.state.params, self.frozen,
+                                                      self.state.hyper, batch, self.uncond)
         started = time.perf_counter()
         at_sampling = [rescore(take(u)) for u in updates[1:]] if exact else []
         jax.block_until_ready(at_sampling)
         rescore_seconds = time.perf_counter() - started
+        train_key = jax.random.fold_in(jax.random.fold_in(self.base_key, self.epoch), _TRAIN)
         step_metrics = []
         for u in updates:
             batch = take(u)
             if exact:
-                batch = batch._replace(log_ratios=self._zero_ratios() if u == 0 else
-                                       self._subtract(rescore(batch), at_sampling[u - 1]))
+                batch["log_ratios"] = self._zero_ratios() if u == 0 else self.programs.log_ratio(
+                    rescore(batch), at_sampling[u - 1])
+            key = parallel.replicate(jax.random.fold_in(train_key, u), self.mesh)
             self.state, m = self.programs.train_step(self.state, self.frozen, self.reference,
-                                                      batch, self.uncond)
+                                                      batch, self.uncond, key)
             step_metrics.append(m)
         return step_metrics, rescore_seconds
 

@@ -82,7 +82,10 @@ def test_unknown_variant_is_refused():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("sample.kind", "ode", "config.sample.kind='ode': must be one of"),
+    ("sample.kind", "ode", "config.sample.kind='ode': grpo trains the log-probabilities of a "
+                           "stochastic sampler, 'sde' or 'cps'"),
+    ("train.objective", "ppo", "config.train.objective='ppo': must be one of ['grpo', "
+                               "'grpo_guard', 'nft']"),
     ("sample.group_size", 1, "config.sample.group_size=1: needs >= 2"),
     ("sample.noise_level", 0.0, "config.sample.noise_level=0.0: must be > 0"),
     ("train.timestep_fraction", 1.5, "config.train.timestep_fraction=1.5"),
@@ -189,7 +192,7 @@ def test_cli_names_a_bad_key_and_a_bad_value(tmp_path):
         "config key (did you mean groups_per_epoch?)")
     bad = _train_cli("--workdir", str(tmp_path / "b"), "--config.sample.kind=euler")
     assert bad.returncode == 2
-    assert "config.sample.kind='euler': must be one of ('sde', 'cps')" in bad.stderr
+    assert "config.sample.kind='euler': must be one of ('ode', 'sde', 'cps', 'dpm2')" in bad.stderr
     not_a_number = _train_cli("--workdir", str(tmp_path / "c"), "--config.sample.group_size=many")
     assert not_a_number.returncode != 0 and "group_size" in not_a_number.stderr
     assert not (tmp_path / "b").exists(), "a refused config must not create its workdir"
@@ -213,3 +216,21 @@ def test_workdir_from_another_config_refuses_to_resume(tmp_path):
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 2e-4
     assert checkpoint_steps(workdir) == [0]
+
+
+@pytest.mark.parametrize("variant, key, value, message", [
+    ("nft,tiny", "nft.beta", 0.0, "config.nft.beta=0.0: must be > 0"),
+    ("nft,tiny", "nft.decay_max", 1.0, "config.nft.decay_max=1.0: must be in [0, 1)"),
+    ("nft,tiny", "sample.window_size", 2, "config.sample.window_size=2: a window holds "
+                                           "stochastic steps; sample.kind='dpm2' has none"),
+    ("guard,tiny", "sample.kind", "cps", "config.sample.kind='cps': grpo_guard normalises the "
+                                         "SDE step's log-ratio"),
+])
+def test_each_objective_checks_its_own_settings(variant, key, value, message):
+    config = _load("sd35m_geneval", variant)
+    config_lib.validate(config, 1)
+    group, name = key.split(".")
+    config[group][name] = value
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(config, 1)
+    assert message in str(error.value)

@@ -16,9 +16,9 @@ from train_runs import ROOT, checkpoint_params, checkpoint_steps, train_env
 
 PACKAGE = ROOT / "flowgrpo_jax"
 # The RL core: what must work for every family, so it may name none.
-CORE = ("sampling", "grpo", "rewards", "train.py", "parallel.py", "checkpoint.py", "config.py",
-        "programs.py", "generator.py", "lora.py", "remat.py", "prompts.py", "planner.py",
-        "evaluate.py", "export.py", "lora_io.py", "logging_utils.py")
+CORE = ("sampling", "objectives", "rewards", "train.py", "update.py", "parallel.py",
+        "checkpoint.py", "config.py", "programs.py", "generator.py", "lora.py", "remat.py",
+        "prompts.py", "planner.py", "evaluate.py", "export.py", "lora_io.py", "logging_utils.py")
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:

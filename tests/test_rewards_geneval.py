@@ -3,6 +3,7 @@ HTTP). A stand-in server here answers in that format from what it decoded, so th
 the bytes our client sends and how it maps the answer; another one decides as the reference's
 server does with `only_strict`, and a training run logs GenEval accuracy from its evaluation."""
 
+import contextlib
 import io
 import pickle
 import threading
@@ -67,28 +68,29 @@ class ReferenceGenEvalHandler(GenEvalFormatHandler):
         self.wfile.write(answer)
 
 
-def _serve(handler):
+@contextlib.contextmanager
+def _serving(handler):
     server = HTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     handler.requests = []
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
 def geneval_server():
-    server, url = _serve(GenEvalFormatHandler)
-    yield url
-    server.shutdown()
-    server.server_close()
+    with _serving(GenEvalFormatHandler) as url:
+        yield url
 
 
 @pytest.fixture
 def reference_geneval_server():
-    server, url = _serve(ReferenceGenEvalHandler)
-    yield url
-    server.shutdown()
-    server.server_close()
+    with _serving(ReferenceGenEvalHandler) as url:
+        yield url
 
 
 def test_geneval_remote_wire_format_and_batching(geneval_server):

@@ -14,7 +14,7 @@ a diffusers `SD3Transformer2DModel` with random init is converted in memory to o
 - loss step: one forward+backward of the GRPO loss on one stored transition of that rollout:
   the policy re-scores it with CFG, a frozen reference model (a second random-init model, so
   the KL term is not zero) gives the step means without gradient, loss = clipped surrogate +
-  beta*KL, gradients for every trainable weight. JAX: `score_step` + `grpo.loss.grpo_loss`
+  beta*KL, gradients for every trainable weight. JAX: `score_step` + `objectives.grpo.grpo_loss`
   under `jax.value_and_grad`; PyTorch: the same formulas and `loss.backward()`.
 
 Each side is warmed up first; JAX's trace+compile time is reported apart; the figures are
@@ -50,7 +50,7 @@ from flax import nnx
 from flowgrpo_jax.convert.core import convert, target_shapes
 from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
 from flowgrpo_jax.generator import nnx_velocity
-from flowgrpo_jax.grpo.loss import grpo_loss
+from flowgrpo_jax.objectives.grpo import grpo_loss
 from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from flowgrpo_jax.models.mmdit import TRAINABLE, MMDiT, MMDiTConfig

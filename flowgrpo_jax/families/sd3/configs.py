@@ -54,19 +54,25 @@ def full_fine_tuning(config) -> ml_collections.ConfigDict:
     return config
 
 
-# The variants every configs/sd35m_*.py file offers, beside its default ("").
-VARIANTS = ("fast", "fast_nocfg", "full", "tiny")
+# The variants every configs/sd35m_*.py file offers, beside its default (""); several join
+# with commas and apply in order, e.g. "nft,tiny".
+VARIANTS = ("fast", "fast_nocfg", "full", "nft", "guard", "tiny")
 
 
-def variant(config, name: str, *, tiny_rewards: str) -> ml_collections.ConfigDict:
-    """`config` as variant `name` (VARIANTS, or "" for itself); the tiny one scores with the
-    offline `tiny_rewards`."""
-    if name == "tiny":
-        return tiny(config, rewards=tiny_rewards)
-    if name in ("fast", "fast_nocfg"):
-        return config_lib.fast(config, cfg=name == "fast")
-    if name == "full":
-        return full_fine_tuning(config)
-    if name:
-        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+def variant(config, names: str, *, tiny_rewards: str) -> ml_collections.ConfigDict:
+    """`config` as the variants `names` (of VARIANTS, comma-separated; "" for itself); the
+    tiny one scores with the offline `tiny_rewards`."""
+    for name in filter(None, names.split(",")):
+        if name == "tiny":
+            config = tiny(config, rewards=tiny_rewards)
+        elif name in ("fast", "fast_nocfg"):
+            config = config_lib.fast(config, cfg=name == "fast")
+        elif name == "full":
+            config = full_fine_tuning(config)
+        elif name == "nft":
+            config = config_lib.nft(config)
+        elif name == "guard":
+            config = config_lib.guard(config)
+        else:
+            raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     return config

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from flowgrpo_jax.families.toy.model import ToyModel, ToyModelConfig, save
 from flowgrpo_jax.families.toy.scenes import ground_truth_images
 from flowgrpo_jax.families.toy.text import Tokenizer
-from flowgrpo_jax.grpo.train_step import ema_decay as ramped_ema_decay
-from flowgrpo_jax.grpo.train_step import ema_update, make_optimizer
+from flowgrpo_jax.update import ema_decay as ramped_ema_decay
+from flowgrpo_jax.update import ema_update
 from flowgrpo_jax.sampling.schedule import shift_sigmas
 
 
@@ -88,7 +88,10 @@ def pretrain(config: ToyModelConfig, prompts: list[dict], *, steps: int, batch_s
     """Trains from a seeded init; returns (model, losses). Snapshots go to out/step_N."""
     model = ToyModel(config, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = make_optimizer(lr, weight_decay=weight_decay, warmup_steps=warmup)
+    # AdamW after clipping the gradient norm to 1, the rate rising linearly over `warmup` steps
+    rate = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(rate, weight_decay=weight_decay))
     opt_state = optimizer.init(params)
     train_step = make_train_step(graphdef, optimizer, ema_decay)
     ema = params

@@ -1,4 +1,5 @@
-"""The sharded GRPO train step on a tiny MMDiT with LoRA.
+"""The shared, sharded update (flowgrpo_jax/update.py) with the GRPO objective on a tiny MMDiT
+with LoRA.
 
 Run as a script (tests/test_parallel.py does, with 8 fake CPU devices) it compares one update
 on meshes 2x4, 4x2 and 8x1 with the same update on one device.
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowgrpo_jax import parallel
-from flowgrpo_jax.grpo import train_step as ts
+from flowgrpo_jax import objectives, parallel
+from flowgrpo_jax import update as up
 from flowgrpo_jax.generator import nnx_velocity
 from flowgrpo_jax.lora import apply_lora
 from flowgrpo_jax.models.mmdit import JOINT_ATTENTION, TRAINABLE, MMDiT, MMDiTConfig
@@ -28,6 +29,19 @@ CONFIG = MMDiTConfig(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
                      pos_embed_max_size=4, dual_attention_layers=(0,), qk_norm="rms_norm")
 CHANNELS, TEXT_LEN, SIZE = CONFIG.in_channels, 3, 4
 SIGMAS = flow_match_schedule(3)[0]
+GRPO = objectives.load("grpo")
+HYPER = dict(learning_rate=3e-4, beta=0.04, ema_max_decay=0.9, noise_level=0.7,
+             guidance_scale=4.5, clip_range=1e-4)
+KEY = jax.random.key(0)
+
+
+def _settings(**overrides):
+    return up.Settings(**{"num_terms": 2, "micro_batch_size": 8, "sigma_max": float(SIGMAS[1]),
+                          **overrides})
+
+
+def _state(params, mesh, **hyper):
+    return up.create_train_state(params, up.make_optimizer(), mesh, {**HYPER, **hyper}, GRPO)
 
 
 def _apply(model, x, t, text):
@@ -62,30 +76,37 @@ def _data(lora_b_scale=0.02, logp_offset=2e-4, batch_size=16, kind="sde"):
     roll = rollout(velocity, (lora, frozen), noise, text, SIGMAS, key=k_roll, kind=kind,
                    noise_level=0.7, guidance_scale=4.5, uncond_text=uncond)
     old_log_probs = roll.log_probs + logp_offset * jax.random.normal(k_lp, roll.log_probs.shape)
-    batch = ts.TrainBatch(roll.latents, roll.next_latents, old_log_probs, roll.sigmas,
-                          roll.next_sigmas, jax.random.normal(k_adv, (batch_size,)), text)
+    batch = {name: getattr(roll, name) for name in GRPO.records}
+    batch.update(log_probs=old_log_probs, targets=jax.random.normal(k_adv, (batch_size,)),
+                 text=text, ids=jnp.arange(batch_size))
     return lora, batch, uncond
 
 
 _STEPS = {}
 
 
-def _run_steps(mesh, num_updates=2, lora_b_scale=0.02, logp_offset=2e-4, remat="none",
-               **config_overrides):
-    velocity, _, frozen = _model(remat)
-    lora, batch, uncond = _data(lora_b_scale, logp_offset)
-    settings = dict(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
-    config = ts.StepConfig(**{**settings, **config_overrides})
-    optimizer = ts.make_optimizer()
-    state = ts.create_train_state(lora, optimizer, mesh)  # new buffers: `lora` survives donation
-    key = (config, remat, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
+def _step(mesh, settings, remat="none", state=None):
+    """The compiled update for these settings (one per settings, remat policy and mesh)."""
+    key = (settings, remat, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
     if key not in _STEPS:
-        _STEPS[key] = ts.make_train_step(velocity, optimizer, config, mesh, state=state, frozen=frozen)
+        velocity, lora, frozen = _model(remat)
+        state = state or _state(lora, mesh)
+        _STEPS[key] = up.make_train_step(GRPO, velocity, up.make_optimizer(), settings, mesh,
+                                         state=state, frozen=frozen)
+    return _STEPS[key]
+
+
+def _run_steps(mesh, num_updates=2, lora_b_scale=0.02, logp_offset=2e-4, remat="none",
+               hyper=None, **settings):
+    _, _, frozen = _model(remat)
+    lora, batch, uncond = _data(lora_b_scale, logp_offset)
+    state = _state(lora, mesh, **(hyper or {}))  # new buffers: `lora` survives donation
+    step = _step(mesh, _settings(**settings), remat, state)
     frozen = jax.device_put(frozen, parallel.state_shardings(frozen, mesh))
     batch = parallel.shard_batch(batch, mesh)
     history = []
     for _ in range(num_updates):
-        state, metrics = _STEPS[key](state, frozen, None, batch, uncond)
+        state, metrics = step(state, frozen, None, batch, uncond, KEY)
         history.append(jax.device_get(metrics))
     return state, history
 
@@ -153,7 +174,7 @@ def test_remat_gives_the_same_update(policy):
 
 def test_updates_lower_the_loss_on_a_fixed_batch():
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    _, history = _run_steps(mesh, num_updates=6, beta=0.0, clip_range=0.2)
+    _, history = _run_steps(mesh, num_updates=6, hyper=dict(beta=0.0, clip_range=0.2), kl=False)
     losses = [float(m["policy_loss"]) for m in history]
     assert losses[-1] < losses[0] - 1e-3, losses
 
@@ -163,15 +184,13 @@ def test_full_fine_tuning_with_a_frozen_reference_copy():
     assert jax.tree.leaves(rest)  # the position table, a buffer, stays frozen
     velocity = nnx_velocity(graphdef, _apply)
     _, batch, uncond = _data()
-    config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
-    optimizer = ts.make_optimizer()
     reference = params  # create_train_state copies it, so this stays the initial weights
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    state = ts.create_train_state(params, optimizer, mesh)
-    step = ts.make_train_step(velocity, optimizer, config, mesh, state=state, frozen=rest,
-                              reference=reference)
-    state, first = step(state, rest, reference, batch, uncond)
-    state, second = step(state, rest, reference, batch, uncond)
+    state = _state(params, mesh)
+    step = up.make_train_step(GRPO, velocity, up.make_optimizer(), _settings(), mesh, state=state,
+                              frozen=rest, reference=reference)
+    state, first = step(state, rest, reference, batch, uncond, KEY)
+    state, second = step(state, rest, reference, batch, uncond, KEY)
     assert float(first["kl"]) == 0.0  # the policy still equals its reference copy
     assert float(second["kl"]) > 0.0
     unchanged = [jax.tree_util.keystr(path)
@@ -185,22 +204,20 @@ def test_full_fine_tuning_with_a_frozen_reference_copy():
 
 def test_a_nan_batch_is_skipped_and_counted_and_the_next_update_proceeds():
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    _run_steps(mesh, num_updates=0)  # compiles (or reuses) the default config's step
-    velocity, _, frozen = _model()
+    _, _, frozen = _model()
     lora, batch, uncond = _data()
-    config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
-    step = _STEPS[(config, "none", mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))]
-    state = ts.create_train_state(lora, ts.make_optimizer(), mesh)
+    step = _step(mesh, _settings())
+    state = _state(lora, mesh)
     initial = jax.device_get(state)  # the step donates `state`
     frozen = jax.device_put(frozen, parallel.state_shardings(frozen, mesh))
     # one NaN advantage: sample 3 lies in the second of the two micro batches of 8
-    poisoned = batch._replace(advantages=batch.advantages.at[3].set(jnp.nan))
-    state, metrics = step(state, frozen, None, parallel.shard_batch(poisoned, mesh), uncond)
+    poisoned = {**batch, "targets": batch["targets"].at[3].set(jnp.nan)}
+    state, metrics = step(state, frozen, None, parallel.shard_batch(poisoned, mesh), uncond, KEY)
     assert float(metrics["skipped_nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
     state = jax.device_get(state)
     assert int(state.step) == 0
     assert _max_abs_diff(state, initial) == 0.0  # params, optimizer state and EMA unchanged
-    state, metrics = step(state, frozen, None, parallel.shard_batch(batch, mesh), uncond)
+    state, metrics = step(state, frozen, None, parallel.shard_batch(batch, mesh), uncond, KEY)
     assert float(metrics["skipped_nonfinite"]) == 0.0 and int(state.step) == 1
     once, _ = _run_steps(mesh, num_updates=1)  # one update with no NaN batch before it
     assert _max_abs_diff(state, once) == 0.0
@@ -211,14 +228,12 @@ def test_exact_log_ratios_give_the_update_of_the_rollouts_own_log_probs():
     log-ratio values of 0 (with the gradient of its own log-prob) matches the one that
     computes them against the rollout's."""
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    lora, batch, _ = _data(logp_offset=0.0)
+    lora, batch, uncond = _data(logp_offset=0.0)
     from_rollout, (m_rollout,) = _run_steps(mesh, num_updates=1, logp_offset=0.0)
-    exact_batch = batch._replace(log_ratios=jnp.zeros((batch.advantages.shape[0], 2)))
-    velocity, _, frozen = _model()
-    config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=8)
-    state = ts.create_train_state(lora, ts.make_optimizer(), mesh)
-    step = ts.make_train_step(velocity, ts.make_optimizer(), config, mesh, state=state, frozen=frozen)
-    exact, m_exact = step(state, frozen, None, exact_batch, _data(logp_offset=0.0)[2])
+    exact_batch = {**batch, "log_ratios": jnp.zeros((batch["targets"].shape[0], 2))}
+    _, _, frozen = _model()
+    exact, m_exact = _step(mesh, _settings())(_state(lora, mesh), frozen, None, exact_batch,
+                                              uncond, KEY)
     assert (float(m_exact["ratio_min"]), float(m_exact["ratio_max"])) == (1.0, 1.0)
     assert abs(float(m_rollout["ratio_mean"]) - 1.0) < 1e-5
     assert _max_abs_diff(exact.params, from_rollout.params) < 1e-6
@@ -228,21 +243,21 @@ def test_rescore_gives_the_rollouts_log_probs_in_sample_order():
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     velocity, lora, frozen = _model()
     lora, batch, uncond = _data(logp_offset=0.0)
-    config = ts.StepConfig(sigma_max=float(SIGMAS[1]), num_train_steps=2, micro_batch_size=4)
-    state = ts.create_train_state(lora, ts.make_optimizer(), mesh)
-    rescore = ts.make_rescore(velocity, config, mesh, state=state, frozen=frozen)
-    log_probs = rescore(lora, frozen, batch, uncond)
-    assert log_probs.shape == (16, 2)
-    np.testing.assert_allclose(log_probs, batch.log_probs[:, :2], rtol=0, atol=1e-5)
-    assert float(jnp.std(batch.log_probs[:, 0])) > 1e-2  # samples differ: the order is checked
+    state = _state(lora, mesh)
+    rescore = up.make_rescore(GRPO, velocity, _settings(micro_batch_size=4), mesh, state=state,
+                              frozen=frozen)
+    records = rescore(lora, frozen, state.hyper, batch, uncond)
+    assert records["log_probs"].shape == (16, 2) and records["means"].shape == (16, 2, 4, 4, 4)
+    np.testing.assert_allclose(records["log_probs"], batch["log_probs"][:, :2], rtol=0, atol=1e-5)
+    assert float(jnp.std(batch["log_probs"][:, 0])) > 1e-2  # samples differ: the order is checked
 
 
 def test_the_ema_steps_every_k_updates_as_the_reference_counts():
-    decays = [float(ts.ema_decay(jnp.asarray(n), 0.81, every=8)) for n in range(1, 17)]
+    decays = [float(up.ema_decay(jnp.asarray(n), 0.81, every=8)) for n in range(1, 17)]
     stepped = [n for n, d in zip(range(1, 17), decays) if d < 1]
     assert stepped == [7, 15]  # the reference: (global_step + 1) % 8 == 0
     assert decays[6] == pytest.approx(8 / 17) and decays[14] == pytest.approx(16 / 25)
-    assert float(ts.ema_decay(jnp.asarray(39), 0.81, every=8)) == pytest.approx(0.81)
+    assert float(up.ema_decay(jnp.asarray(39), 0.81, every=8)) == pytest.approx(0.81)
 
 
 def test_bad_batch_layout_is_named():
@@ -250,8 +265,8 @@ def test_bad_batch_layout_is_named():
     with pytest.raises(ValueError, match="micro_batch_size"):
         _run_steps(mesh, num_updates=1, micro_batch_size=5)
     with pytest.raises(ValueError, match="timestep_fraction"):
-        ts.num_train_timesteps(10, 0.05)
-    assert ts.num_train_timesteps(10, 0.99) == 9
+        up.num_train_timesteps(10, 0.05)
+    assert up.num_train_timesteps(10, 0.99) == 9
 
 
 if __name__ == "__main__":
@@ -260,11 +275,14 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("decay_steps", [0, 10])
 def test_optimizer_rate_is_constant_or_a_cosine_down_to_zero(decay_steps):
-    optimizer = ts.make_optimizer(1e-2, weight_decay=0.0, decay_steps=decay_steps)
+    optimizer = up.make_optimizer(weight_decay=0.0)
+    settings = _settings(lr_decay_steps=decay_steps)
     params = jnp.zeros(3)
     state = optimizer.init(params)
     sizes = []
-    for _ in range(11):  # a constant gradient: Adam's step is the rate itself
+    for n in range(11):  # a constant gradient: Adam's step is the rate itself
+        rate = up.learning_rate({"learning_rate": jnp.float32(1e-2)}, jnp.asarray(n), settings)
+        state = state._replace(hyperparams={**state.hyperparams, "learning_rate": rate})
         updates, state = optimizer.update(jnp.ones(3), state, params)
         sizes.append(float(jnp.abs(updates).max()))
     if decay_steps:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from flowgrpo_jax.grpo.advantages import PerPromptStatTracker, group_advantages
+from flowgrpo_jax.objectives.advantages import PerPromptStatTracker, group_advantages
 
 
 def test_global_std_advantages_by_hand():
