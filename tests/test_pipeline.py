@@ -100,7 +100,7 @@ def test_bad_sampling_requests_are_named(pipelines):
         sample(ours, PROMPTS, seed=0, steps=1, height=40, width=WIDTH)
     with pytest.raises(ValueError, match="exactly one of seed or key"):
         sample(ours, PROMPTS, steps=1)
-    with pytest.raises(ValueError, match="step kind 'euler'"):
+    with pytest.raises(ValueError, match="sampler 'euler' not one of"):
         sample(ours, PROMPTS, seed=0, steps=1, kind="euler")
     with pytest.raises(ValueError, match="3 initial latents for 2 prompts"):
         sample(ours, PROMPTS, seed=0, steps=1, latents=np.zeros((3, 4, 6, 16), np.float32))

@@ -99,8 +99,12 @@ class GRPO(Objective):
                           uncond_text=inputs.uncond)
 
     def step_records(self, params, inputs, micro, j):
-        out = self._score(params, inputs, micro, j)
-        return {"log_probs": out.log_prob, "means": out.mean, "noise_std": out.noise_std}
+        return self._records(self._score(params, inputs, micro, j))
+
+    def _records(self, out):
+        """The ratio_records (and the noise std) of a scored step."""
+        every = {"log_probs": out.log_prob, "means": out.mean}
+        return {**{k: every[k] for k in self.ratio_records}, "noise_std": out.noise_std}
 
     def log_ratio(self, new, old):
         return new["log_probs"] - old["log_probs"]
@@ -112,7 +116,7 @@ class GRPO(Objective):
     def term_loss(self, params, inputs, micro, j, key):
         del key
         out = self._score(params, inputs, micro, j)
-        new = {"log_probs": out.log_prob, "means": out.mean, "noise_std": out.noise_std}
+        new = self._records(out)
         old = {**{k: micro[k][:, j] for k in self.ratio_records}, "noise_std": out.noise_std}
         log_ratio = self.log_ratio(new, old)
         if "log_ratios" in micro:
