@@ -162,7 +162,7 @@ def summarize(prompt_set: PromptSet, scores: dict) -> dict:
 
 def evaluate(model: Model, prompt_set: PromptSet, score: Callable, *, num_steps: int,
              guidance_scale: float, images_per_prompt: int = 1, seed: int = 0,
-             batch_size: int = 64, progress: bool = True):
+             batch_size: int = 64):
     """(summary dict, uint8 images (lines, images_per_prompt, H, W, 3)) of `model` on the
     prompt lines of `prompt_set`, scored by score(images, prompts, metadata)."""
     if not len(prompt_set):
@@ -173,7 +173,9 @@ def evaluate(model: Model, prompt_set: PromptSet, score: Callable, *, num_steps:
     jobs = [(i, j) for i in range(len(prompt_set)) for j in range(images_per_prompt)]
     scores = {}
     images = None
-    for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", disable=not progress):
+    # progress bars on a terminal only, not in a log file
+    for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate",
+                      disable=not sys.stderr.isatty()):
         batch = jobs[start:start + batch_size]
         padded = batch + [batch[-1]] * (batch_size - len(batch))  # one shape, one compilation
         noise = jnp.stack([initial_noise(seed, i, j, shape) for i, j in padded])

@@ -154,6 +154,8 @@ class Trainer:
         self.workdir = workdir
         self.on_metrics = on_metrics
         self.is_main = jax.process_index() == 0
+        # Progress bars on a terminal only; a log file gets one line per epoch (`_log`).
+        self.bars = self.is_main and sys.stderr.isatty()
         # Before the workdir and the model: a bad prompt file stops the run at once.
         self.train_prompts = load_prompts(config.prompts.train_file, config.prompts.format)
         test_file = config.prompts.test_file or config.prompts.train_file
@@ -280,7 +282,7 @@ class Trainer:
         records = tuple(r for r in self.objective.records if r in STEP_RECORDS)
         sampled = SampledEpoch([], [], [], [], None)
         for c in tqdm(range(self.sizes["chunks"]), desc=f"epoch {self.epoch} sampling",
-                      leave=False, disable=not self.is_main):
+                      leave=False, disable=not self.bars):
             ids = c * chunk + np.arange(start, stop_row)  # global sample ids of this process
             group = ids // s.group_size
             prompts, metadata = self.train_prompts.take(groups[group])
@@ -456,7 +458,7 @@ class Trainer:
             self._eval_rewards = reward_client(self.config, self.family, evaluation=True) or self.rewards
         start, stop_row = parallel.local_range(self.mesh, chunk)
         futures, first_images, first_prompts = [], None, None
-        for c in tqdm(range(padded // chunk), desc="eval", leave=False, disable=not self.is_main):
+        for c in tqdm(range(padded // chunk), desc="eval", leave=False, disable=not self.bars):
             ids = c * chunk + np.arange(start, stop_row)
             prompts, metadata = self.test_prompts.take(rows[ids])
             noise = np.asarray(_noise(eval_key, ids, self.generator.latent_shape))
@@ -492,8 +494,9 @@ class Trainer:
 
     def _loop(self, stop: StopFlag) -> None:
         c = self.config
-        bar = tqdm(total=c.num_epochs, initial=self.epoch, desc="epochs", disable=not self.is_main)
+        bar = tqdm(total=c.num_epochs, initial=self.epoch, desc="epochs", disable=not self.bars)
         stopped = False  # decided together by all processes, so they take the same path
+        started, first = time.perf_counter(), self.epoch
         try:  # the bar ends its line even when an error ends the run, whose line comes next
             while self.epoch < c.num_epochs and not stopped:
                 if c.eval_every and self.epoch % c.eval_every == 0:
@@ -502,7 +505,10 @@ class Trainer:
                 if metrics is None:
                     stopped = True
                     break
-                self._log(metrics, step=self.epoch - 1)
+                per_epoch = (time.perf_counter() - started) / (self.epoch - first)
+                left = round(per_epoch * (c.num_epochs - self.epoch))
+                self._log(metrics, step=self.epoch - 1,
+                          suffix=f" left={left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
                 stopped = parallel.any_process(stop.requested)
@@ -522,7 +528,8 @@ class Trainer:
         print(f"process {jax.process_index()}/{jax.process_count()}: epoch {self.epoch}, params "
               f"fingerprint {parallel.fingerprint(self.state.params)}", flush=True)
 
-    def _log(self, metrics: dict, step: int | None = None) -> None:
+    def _log(self, metrics: dict, step: int | None = None, suffix: str = "") -> None:
+        """Logs `metrics` (TensorBoard, wandb, on_metrics) and prints one line of them."""
         step = self.epoch if step is None else step
         self.writer.scalars(step, metrics)
         if self.on_metrics is not None:
@@ -532,7 +539,7 @@ class Trainer:
                              if k.endswith("_mean") and k.startswith("eval/") or k in (
                                  "reward/total_mean", "train/loss", "train/kl", "train/approx_kl",
                                  "train/clipfrac", "train/skipped_nonfinite", "time/epoch_s"))
-            tqdm.write(f"epoch {step}: {shown}")
+            tqdm.write(f"epoch {step}: {shown}{suffix}")
 
 
 class TrainingStopped(RuntimeError):

@@ -86,7 +86,7 @@ def test_images_do_not_depend_on_the_batch_size(tiny_model_dir, tmp_path):
     prompt_set = load_prompts(str(_prompt_file(tmp_path, SUBSET[:3])), "geneval")
     run = lambda batch: evaluate.evaluate(model, prompt_set, model.family.score, num_steps=2,
                                           guidance_scale=2.0, images_per_prompt=2,
-                                          batch_size=batch, progress=False)[1]
+                                          batch_size=batch)[1]
     np.testing.assert_array_equal(run(4), run(6))
 
 
@@ -96,8 +96,7 @@ def test_shipped_base_is_clearly_imperfect_on_the_whole_test_file():
     model = _base()
     prompt_set = load_prompts(str(DATA_DIR / "test.jsonl"), "geneval")
     summary, _ = evaluate.evaluate(model, prompt_set, model.family.score, num_steps=20,
-                                   guidance_scale=4.5, images_per_prompt=1, batch_size=100,
-                                   progress=False)
+                                   guidance_scale=4.5, images_per_prompt=1, batch_size=100)
     size = model.generator.latent_shape[0]
     truth = score_batch(ground_truth_images(TEST_PROMPTS, np.random.default_rng(0), size), TEST_PROMPTS)
     print(f"base strict {summary['strict']:.3f} partial {summary['partial']:.3f};"

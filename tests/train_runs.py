@@ -2,6 +2,7 @@
 `python -m flowgrpo_jax.train` command on a tiny config, and reading a run's checkpoints."""
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,9 @@ def run_train(workdir, model, *overrides, devices: int = 1, timeout: int = 300):
     result = subprocess.run(train_command(workdir, model, *overrides), cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout, env=train_env(devices))
     assert result.returncode == 0, f"training failed:\n{result.stderr[-4000:]}"
+    # a log file, not a terminal: one line per epoch with the time left, no progress bars
+    assert "\r" not in result.stdout + result.stderr
+    assert re.search(r"epoch \d+: reward/total_mean=.* left=\d+:\d\d:\d\d", result.stdout)
     return result
 
 
