@@ -11,7 +11,7 @@ devices (a GPU host). No weights are read: the model is built from its configs (
 folder at `model.path`, or SD3.5 Medium's bundled configs when there is none).
 
 For each program a run compiles (prompt encoding, a rollout chunk, decoding, the rescoring of
-exact ratios when an epoch has several updates, the GRPO update, the eval rollout and its
+exact ratios when an epoch has several updates, the update, the eval rollout and its
 decoding) it prints per chip: the arguments, the temporaries, the outputs,
 what else the run keeps on the chip meanwhile (weights, optimizer state, the epoch's rollouts),
 their total against the chip's memory, and the FLOPs XLA counts. Then it searches the largest

@@ -10,7 +10,7 @@ batch 2B (unconditional first) and combines them in float32: v = v_u + g*(v_c - 
 Rollout and scoring share `guided_velocity` and `sde_step`, so a rollout's log-probs recomputed
 with the same params differ only by the velocity network's rounding in the two programs: to
 float32 rounding in float32, beyond the clip range in bfloat16 (the trainer's exact ratios,
-grpo/train_step.py, never compare the two).
+update.py and objectives/grpo.py, never compare the two).
 """
 from functools import partial
 from typing import NamedTuple
