@@ -131,8 +131,9 @@ def ema_decay(updates_done, max_decay, every: int = 1):
 
 
 def ema_update(ema, params, decay):
-    """One step of the exponential moving average of a params tree."""
-    return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    """One step of the exponential moving average of a params tree, in the EMA's own dtype
+    (the float32 decay would otherwise turn a bf16 EMA into float32 after the first step)."""
+    return jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), ema, params)
 
 
 def _micro_batches(batch: dict, micro_batch_size: int, mesh, rules):

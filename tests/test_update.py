@@ -291,3 +291,17 @@ def test_optimizer_rate_is_constant_or_a_cosine_down_to_zero(decay_steps):
     else:
         expected = [1e-2] * 11
     np.testing.assert_allclose(sizes, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_a_bf16_state_stays_bf16():
+    """A full fine-tune of bf16 weights keeps its Adam moments and its EMA, and so its donated
+    state, in bf16, whatever float32 arrays the rate and the decay are."""
+    params = {"w": jnp.ones((4,), jnp.bfloat16)}
+    optimizer = up.make_optimizer()
+    state = optimizer.init(params)
+    state = state._replace(hyperparams={**state.hyperparams, "learning_rate": jnp.float32(1e-3)})
+    _, state = optimizer.update({"w": jnp.full((4,), 0.5, jnp.bfloat16)}, state, params)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.inner_state)
+            if leaf.ndim} == {jnp.dtype(jnp.bfloat16)}
+    decay = up.ema_decay(jnp.asarray(1), jnp.float32(0.9))
+    assert up.ema_update(params, params, decay)["w"].dtype == jnp.bfloat16

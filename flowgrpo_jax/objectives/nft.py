@@ -115,7 +115,8 @@ class NFT(Objective):
     def after_epoch(self, state):
         h = state.hyper
         d = old_policy_decay(state.step, h["decay_start"], h["decay_rate"], h["decay_max"])
-        old = jax.tree.map(lambda o, p: d * o + (1 - d) * p, state.extra["old_params"], state.params)
+        old = jax.tree.map(lambda o, p: (d * o + (1 - d) * p).astype(o.dtype),
+                           state.extra["old_params"], state.params)
         return state.replace(extra={**state.extra, "old_params": old})
 
 
