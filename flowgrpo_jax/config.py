@@ -138,14 +138,21 @@ def defaults() -> ml_collections.ConfigDict:
     c.guard = ml_collections.ConfigDict()
     c.guard.batch_bias = False
 
+    # A population (flowgrpo_jax/population.py): runs of this config differing only in seed
+    # or numeric hyperparameters, trained as one program, each member in WORKDIR/<its name>.
+    c.population = ml_collections.ConfigDict()
+    c.population.seeds = 0  # > 0: members with seeds seed, seed + 1, ...
+    c.population.vmap = ""  # "train.learning_rate=1e-4,2e-4 train.beta=0.01,0.04": a product
+
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1: the devices left after fsdp
+    c.mesh.data = -1  # -1: the devices left after fsdp (and population)
     c.mesh.fsdp = 1
+    c.mesh.population = 1  # devices groups a population's members are split over
 
     c.logging = ml_collections.ConfigDict()
     c.logging.num_images = 16  # per image grid
-    c.logging.wandb = False
-    c.logging.wandb_project = "flowgrpo-jax"
+    c.logging.wandb = ""  # a wandb project: a wandb run per member ("": no wandb)
+    c.logging.wandb_group = ""  # a population's wandb group ("": its workdir's name)
     return c
 
 
@@ -204,7 +211,12 @@ def _check_finite(config, prefix=""):
 
 
 def _check_mesh(mesh, num_devices: int) -> None:
-    """The mesh's data x fsdp must use the devices exactly (what parallel.make_mesh needs)."""
+    """The mesh's data x fsdp must use the devices of a population group (all of them without
+    a population) exactly (what parallel.make_mesh needs)."""
+    if mesh.population < 1 or num_devices % mesh.population:
+        _fail("mesh.population", mesh.population, f"must divide the {num_devices} device(s); "
+                                                  f"e.g. one of {_divisors(num_devices)}")
+    num_devices //= mesh.population
     data, fsdp = mesh.data, mesh.fsdp
     if data == -1 and fsdp == -1:
         _fail("mesh", mesh.to_dict(), "only one of mesh.data / mesh.fsdp may be -1")
@@ -306,7 +318,28 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if config.mesh.data != -1 and config.mesh.data < 1 or config.mesh.fsdp != -1 and config.mesh.fsdp < 1:
         _fail("mesh", config.mesh.to_dict(), "axis sizes must be >= 1, or -1 for the rest")
     _check_mesh(config.mesh, num_devices)
-    _check_batch_sizes(config, num_devices, num_processes)
+    _check_population(config, num_processes)
+    _check_batch_sizes(config, num_devices // config.mesh.population, num_processes)
+
+
+def _check_population(config, num_processes: int) -> None:
+    p = config.population
+    if p.seeds < 0:
+        _fail("population.seeds", p.seeds, "must be >= 0 (0: no seeds axis)")
+    if not (p.seeds or p.vmap):
+        if config.mesh.population != 1:
+            _fail("mesh.population", config.mesh.population, "needs a population "
+                                                             "(population.seeds or population.vmap)")
+        return
+    if num_processes > 1:
+        _fail("population.seeds" if p.seeds else "population.vmap", p.seeds or p.vmap,
+              f"a population trains in one process (its devices may be many), not "
+              f"{num_processes}")
+    count = max(p.seeds, 1) * math.prod(
+        len(text.partition("=")[2].split(",")) for text in p.vmap.split())
+    if count % config.mesh.population:
+        _fail("mesh.population", config.mesh.population,
+              f"must divide the population's {count} members")
 
 
 def _check_init_from(lora) -> None:

@@ -22,8 +22,13 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 
 
 class MetricWriter:
+    """TensorBoard in `logdir`, and with `wandb_project` a wandb run (its files in `logdir`):
+    named `wandb_name` in group `wandb_group` (a population's members and their ablation),
+    resumed when the run resumes. WANDB_MODE=offline keeps it off the network."""
+
     def __init__(self, logdir: str, *, enabled: bool = True, wandb_project: str | None = None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, wandb_group: str | None = None,
+                 wandb_name: str | None = None):
         self._tb = None
         self._wandb = None
         if not enabled:
@@ -35,7 +40,8 @@ class MetricWriter:
             import wandb  # optional dependency: only when logging.wandb is set
 
             self._wandb = wandb.init(project=wandb_project, dir=logdir, config=run_config,
-                                     resume="allow")
+                                     group=wandb_group, name=wandb_name, resume="allow",
+                                     reinit="create_new")
 
     def scalars(self, step: int, values: dict) -> None:
         if self._tb is None:

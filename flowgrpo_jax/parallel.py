@@ -24,18 +24,37 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 DATA, FSDP = "data", "fsdp"
+# The axis a population's members are split over (population.py); only in a mesh that has it.
+POPULATION = "population"
 BATCH = "batch"
 DEFAULT_RULES = ((BATCH, (DATA, FSDP)), ("embed", FSDP))
-ENCODER_RULES = ((BATCH, (DATA, FSDP)), ("embed", (DATA, FSDP)))
 REPLICATED_RULES = ((BATCH, (DATA, FSDP)),)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all); one axis may be -1 to take the rest."""
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None, population: int = 1) -> jax.sharding.Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all); one axis may be -1 to take the rest.
+    population > 1: a (population, data, fsdp) mesh, each member's batch and params on one of
+    `population` groups of devices, data x fsdp within a group."""
     devices = jax.devices() if devices is None else list(devices)
-    data, fsdp = mesh_shape(data, fsdp, len(devices))
-    device_grid = np.asarray(devices).reshape(data, fsdp)
-    return jax.sharding.Mesh(device_grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+    if population < 1 or len(devices) % population:
+        raise ValueError(f"mesh population={population} must divide the {len(devices)} devices")
+    data, fsdp = mesh_shape(data, fsdp, len(devices) // population)
+    if population == 1:
+        return jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp), (DATA, FSDP),
+                                 axis_types=(AxisType.Auto,) * 2)
+    return jax.sharding.Mesh(np.asarray(devices).reshape(population, data, fsdp),
+                             (POPULATION, DATA, FSDP), axis_types=(AxisType.Auto,) * 3)
+
+
+def member_axis(mesh) -> str | None:
+    """The mesh axis a population's leading axis is split over, or None (not split)."""
+    return POPULATION if POPULATION in mesh.axis_names else None
+
+
+def stacked(shardings, mesh):
+    """The shardings of a pytree stacked on a leading population axis, from its members'."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, PartitionSpec(member_axis(mesh), *s.spec)),
+                        shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
 
 
 def mesh_shape(data: int, fsdp: int, count: int) -> tuple[int, int]:
@@ -132,7 +151,8 @@ def shard_batch(batch, mesh, rules=DEFAULT_RULES):
 def placement(mesh, rules=DEFAULT_RULES):
     """place(role, state) -> NamedShardings for a generator module of `role` (generator.ROLES):
     "model" by `rules`, "encoder" fully sharded, "decoder" replicated."""
-    by_role = {"model": rules, "encoder": ENCODER_RULES, "decoder": REPLICATED_RULES}
+    encoder_rules = ((BATCH, (DATA, FSDP)), ("embed", tuple(mesh.axis_names)))  # every device
+    by_role = {"model": rules, "encoder": encoder_rules, "decoder": REPLICATED_RULES}
     return lambda role, state: state_shardings(state, mesh, by_role[role])
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import parallel
+from flowgrpo_jax import programs as programs_lib
 from flowgrpo_jax import update as up
 from flowgrpo_jax.programs import OnMesh, build_run, rescores
 from flowgrpo_jax.sampling.rollout import STEP_RECORDS
@@ -80,9 +81,9 @@ def _per_device_bytes(tree) -> int:
     return total
 
 
-def _batched(shapes, size: int, sharding):
-    """ShapeDtypeStructs of `size` samples of per-sample `shapes`."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct((size, *s.shape), s.dtype, sharding=sharding), shapes)
+def _batched(shapes, lead: tuple, sharding):
+    """ShapeDtypeStructs of per-sample `shapes` with leading dims `lead` ((members,) samples)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct((*lead, *s.shape), s.dtype, sharding=sharding), shapes)
 
 
 @dataclasses.dataclass
@@ -119,31 +120,45 @@ class RunPlan:
         self.run = run = build_run(config, devices, abstract=True)
         self.mesh, self.generator, self.programs = run.mesh, run.generator, run.programs
         self.state, self.frozen, self.reference = run.state, run.frozen, run.reference
-        self.batch, self.replicated = parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
-        self.uncond = (self._text(1, self.replicated, self.programs.encode_replicated)
+        # a population's batches, keys and flags carry a leading member axis
+        self.population = run.programs.population
+        self.lanes = len(run.members) if self.population else 1
+        self.lead = (self.lanes,) if self.population else ()
+        self.batch = programs_lib.batch_sharding(self.mesh, self.population)
+        self.replicated = parallel.replicated(self.mesh)
+        self.each = parallel.stacked(self.replicated, self.mesh) if self.population else self.replicated
+        self.uncond = (self._encoded(_batched(self.generator.token_shapes, (1,), self.replicated),
+                                     self.programs.encode_replicated, self.replicated)
                        if config.sample.guidance_scale != 1.0 else None)
         self.weights = _per_device_bytes((self.state, self.frozen, self.reference, run.encoder,
                                           run.decoder, self.uncond))
         self.epoch = config_lib.sizes(config)["epoch"]
         self.records = tuple(r for r in run.objective.records if r in STEP_RECORDS)
 
-    def _tokens(self, size, sharding):
-        return _batched(self.generator.token_shapes, size, sharding)
+    def per_chip(self, size: int) -> int:
+        """Samples per chip of a batch of `size` samples (each member's, in a population)."""
+        return size * self.lanes // self.devices
 
-    def _text(self, size, sharding, program):
-        out = jax.eval_shape(program.jitted, self.run.encoder, self._tokens(size, sharding))
+    def _tokens(self, size):
+        return _batched(self.generator.token_shapes, (*self.lead, size), self.batch)
+
+    def _encoded(self, tokens, program, sharding):
+        out = jax.eval_shape(program.jitted, self.run.encoder, tokens)
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), out)
 
+    def _text(self, size):
+        return self._encoded(self._tokens(size), self.programs.encode, self.batch)
+
     def _latents(self, size, *steps):
-        shape = (size, *steps, *self.generator.latent_shape)
+        shape = (*self.lead, size, *steps, *self.generator.latent_shape)
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch)
 
     def _per_sample(self, size, dtype=jnp.float32, *rest):
-        return jax.ShapeDtypeStruct((size, *rest), dtype, sharding=self.batch)
+        return jax.ShapeDtypeStruct((*self.lead, size, *rest), dtype, sharding=self.batch)
 
     def _key(self):
         key = jax.eval_shape(lambda: jax.random.key(0))
-        return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
+        return jax.ShapeDtypeStruct(self.lead, key.dtype, sharding=self.each)
 
     def epoch_data(self, size: int, *, log_ratios: bool = False):
         """The epoch's stored rollouts of `size` samples as the update takes them: the
@@ -151,10 +166,11 @@ class RunPlan:
         sample ids and targets, and with `log_ratios` the exact ones of train.exact_ratio."""
         program, args = self._rollout(size)[:2]
         out = jax.eval_shape(program.jitted, *args)
-        data = {name: self._per_sample(size, getattr(out, name).dtype, *getattr(out, name).shape[1:])
+        per_sample = lambda name: getattr(out, name).shape[len(self.lead) + 1:]
+        data = {name: self._per_sample(size, getattr(out, name).dtype, *per_sample(name))
                 for name in self.run.objective.records}
-        data.update(text=self._text(size, self.batch, self.programs.encode),
-                    ids=self._per_sample(size, jnp.int32), targets=self._per_sample(size))
+        data.update(text=self._text(size), ids=self._per_sample(size, jnp.int32),
+                    targets=self._per_sample(size))
         if log_ratios:
             data["log_ratios"] = self._per_sample(size, jnp.float32, self.run.settings.num_terms)
         return data
@@ -166,7 +182,7 @@ class RunPlan:
         return self.weights + _per_device_bytes(self.epoch_data(self.epoch - chunk_size))
 
     def encode(self, size):
-        return (self.programs.encode, (self.run.encoder, self._tokens(size, self.batch)),
+        return (self.programs.encode, (self.run.encoder, self._tokens(size)),
                 _per_device_bytes(self.run.encoder), self._sampling_resident(size), 1)
 
     def _rollout(self, size, *, eval_: bool = False):
@@ -178,9 +194,8 @@ class RunPlan:
         params = (self.state.ema_params if eval_ else
                   run.objective.sampling_params(self.state.params, self.state.extra))
         hyper = self.state.hyper
-        args = ((params, self.frozen), self._latents(size), self._text(
-            size, self.batch, self.programs.encode), sigmas, self._key(), hyper["noise_level"],
-            hyper["guidance_scale"], self.uncond)
+        args = ((params, self.frozen), self._latents(size), self._text(size), sigmas, self._key(),
+                hyper["noise_level"], hyper["guidance_scale"], self.uncond)
         return program, args, steps
 
     def rollout(self, size, *, eval_: bool = False):
@@ -199,12 +214,14 @@ class RunPlan:
         settings = dataclasses.replace(run.settings, micro_batch_size=micro_size)
         step = self.programs.train_step if micro_size == run.settings.micro_batch_size else OnMesh(
             up.make_train_step(run.objective, self.programs.velocity, run.optimizer, settings,
-                               self.mesh, state=self.state, frozen=self.frozen,
-                               reference=self.reference), self.mesh)
+                               self.mesh, state=run.member_state, frozen=self.frozen,
+                               reference=self.reference, population=self.population), self.mesh)
         update = config_lib.sizes(self.config)["update"]
         batch = self.epoch_data(update, log_ratios=bool(self.programs.rescore is not None
                                                         and self.config.train.exact_ratio))
         args = (self.state, self.frozen, self.reference, batch, self.uncond, self._key())
+        if self.population:  # which members update
+            args += (jax.ShapeDtypeStruct(self.lead, jnp.bool_, sharding=self.each),)
         kept = _per_device_bytes((self.state, self.frozen, self.reference, self.uncond))
         resident = self.weights + _per_device_bytes(self.epoch_data(self.epoch))
         trips = update // micro_size * run.objective.num_terms(run.settings)
@@ -224,7 +241,7 @@ class RunPlan:
     def sampling_phase(self, chunk_size: int) -> Compiled:
         """Encode, rollout and decode of one chunk, compiled; the largest total of the three
         (the first that does not fit, if one does not)."""
-        per_chip = chunk_size // self.devices
+        per_chip = self.per_chip(chunk_size)
         results = []
         for name, program in (("encode", self.encode), ("rollout", self.rollout),
                               ("decode", self.decode)):
@@ -275,8 +292,9 @@ def _describe(result: Compiled, memory: int) -> str:
 
 
 def _candidates(total: int, devices: int) -> list[int]:
-    """Per-chip sizes whose global size (x devices) divides `total`."""
-    return [n for n in range(1, total // devices + 1) if total % (n * devices) == 0]
+    """Batch sizes that divide `total` and split evenly over `devices` (a run's, or one
+    population member's group of devices)."""
+    return [n for n in range(devices, total + 1, devices) if total % n == 0]
 
 
 def largest_fitting(candidates: list[int], measure, start: int) -> int | None:
@@ -323,6 +341,7 @@ class Plan:
     programs: list
     largest_micro_batch_per_chip: int | None = None
     largest_sample_batch_per_chip: int | None = None
+    members: int = 1  # a population's members (their batches side by side on the chips)
 
     @property
     def fits(self) -> bool:
@@ -344,9 +363,11 @@ def plan(config, devices, topology: str, *, search: bool = True, memory: int | N
         raise PlanError(f"unknown programs {sorted(unknown)}; known: {', '.join(PROGRAMS)}")
     run = RunPlan(config, devices, log, memory)
     s, t, n = config.sample, config.train, run.devices
-    log(f"{topology}: {n} devices of {run.memory / GiB:.2f} GiB; weights and train state "
-        f"{run.weights / GiB:.2f} GiB per device")
-    chunk, micro, eval_chunk = s.batch_size // n, t.micro_batch_size // n, s.eval_batch_size // n
+    members = f", {run.lanes} members" if run.population else ""
+    log(f"{topology}: {n} devices of {run.memory / GiB:.2f} GiB{members}; weights and train "
+        f"state {run.weights / GiB:.2f} GiB per device")
+    chunk, micro, eval_chunk = map(run.per_chip, (s.batch_size, t.micro_batch_size,
+                                                  s.eval_batch_size))
     builders = {
         "encode": (chunk, lambda: run.encode(s.batch_size)),
         "rollout": (chunk, lambda: run.rollout(s.batch_size)),
@@ -359,18 +380,21 @@ def plan(config, devices, topology: str, *, search: bool = True, memory: int | N
     compiled = [run.compile(name, builders[name][0], builders[name][1]())
                 for name in PROGRAMS
                 if name in programs and (name != "rescore" or rescores(config, run.run.objective))]
-    result = Plan(topology, n, run.memory, compiled)
+    result = Plan(topology, n, run.memory, compiled, members=run.lanes)
     if not search:
         return result
+    group = n // config.mesh.population  # the devices a member's batch is split over
+    per_chip = lambda size: None if size is None else run.per_chip(size)
     if "train step" in programs:
         log("searching the largest micro batch per chip that fits")
         update = config_lib.sizes(config)["update"]
-        result.largest_micro_batch_per_chip = largest_fitting(
-            _candidates(update, n), lambda m: run.compile("train step", m, run.train(m * n)), micro)
+        result.largest_micro_batch_per_chip = per_chip(largest_fitting(
+            _candidates(update, group),
+            lambda m: run.compile("train step", run.per_chip(m), run.train(m)), t.micro_batch_size))
     if "rollout" in programs:
         log("searching the largest rollout chunk per chip that fits")
-        result.largest_sample_batch_per_chip = largest_fitting(
-            _candidates(run.epoch, n), lambda c: run.sampling_phase(c * n), chunk)
+        result.largest_sample_batch_per_chip = per_chip(largest_fitting(
+            _candidates(run.epoch, group), run.sampling_phase, s.batch_size))
     return result
 
 
@@ -392,8 +416,14 @@ def format_plan(result: Plan) -> str:
     for what, value in (("micro batch", result.largest_micro_batch_per_chip),
                         ("rollout chunk", result.largest_sample_batch_per_chip)):
         if value is not None:
-            lines.append(f"largest {what} per chip that fits: {value} ({value * result.devices} global)")
+            lines.append(f"largest {what} per chip that fits: {value} "
+                         f"({global_size(result, value)} global{' a member' * (result.members > 1)})")
     return "\n".join(lines)
+
+
+def global_size(result: Plan, per_chip: int) -> int:
+    """The config's batch size (a member's, in a population) that puts `per_chip` on a chip."""
+    return per_chip * result.devices // result.members
 
 
 def plan_json(result: Plan) -> dict:
@@ -410,14 +440,17 @@ def advice(result: Plan, config) -> str:
     per_chip = {p.name: p.per_chip for p in result.programs}
     if "train step" in failing:
         if result.largest_micro_batch_per_chip:
-            tips.append(f"--config.train.micro_batch_size={result.largest_micro_batch_per_chip * n}")
+            tips.append(f"--config.train.micro_batch_size="
+                        f"{global_size(result, result.largest_micro_batch_per_chip)}")
         elif per_chip["train step"] > 1:
             tips.append(f"a smaller --config.train.micro_batch_size, e.g. "
-                        f"{per_chip['train step'] // 2 * n} (the search finds the largest)")
+                        f"{global_size(result, per_chip['train step'] // 2)} (the search finds "
+                        f"the largest)")
         if config.train.remat != "block":
             tips.append("--config.train.remat=block")
     if failing & {"encode", "rollout", "decode"} and result.largest_sample_batch_per_chip:
-        tips.append(f"--config.sample.batch_size={result.largest_sample_batch_per_chip * n}")
+        tips.append(f"--config.sample.batch_size="
+                    f"{global_size(result, result.largest_sample_batch_per_chip)}")
     if failing & {"eval rollout", "eval decode"}:
         tips.append("a smaller --config.sample.eval_batch_size")
     if config.model.get("attention", "auto") != "auto":

@@ -42,11 +42,12 @@ def _figure(width: float = 8.0, height: float = 5.0) -> Figure:
     return figure
 
 
-def line_chart(lines: dict, *, points: dict | None = None, title: str = "", xlabel: str = "",
-               ylabel: str = "") -> Chart:
+def line_chart(lines: dict, *, points: dict | None = None, bands: dict | None = None,
+               title: str = "", xlabel: str = "", ylabel: str = "") -> Chart:
     """`lines` {label: (xs, ys)} drawn as lines, `points` {label: (xs, ys)} as markers (each
-    label its own colour, lines first, in order); the legend below the axes."""
-    points = points or {}
+    label its own colour, lines first, in order), `bands` {line label: (lows, highs)} shaded
+    around their line (a spread over seeds); the legend below the axes."""
+    points, bands = points or {}, bands or {}
     series = [(label, xs, ys, False) for label, (xs, ys) in lines.items()]
     series += [(label, xs, ys, True) for label, (xs, ys) in points.items()]
     if not series or not any(len(xs) for _, xs, _, _ in series):
@@ -60,20 +61,27 @@ def line_chart(lines: dict, *, points: dict | None = None, title: str = "", xlab
         else:
             axes.plot(_floats(xs), _floats(ys), "-", color=color, linewidth=2,
                       marker="o" if len(xs) == 1 else None, label=label)
+            if label in bands:
+                axes.fill_between(_floats(xs), *map(_floats, bands[label]), color=color,
+                                  alpha=0.2, linewidth=0)
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(True, color="#e0e0e0")
     axes.xaxis.get_major_locator().set_params(integer=True)
     figure.legend(loc="outside lower center", ncols=1, frameon=False)
     data = {"title": title, "xlabel": xlabel, "ylabel": ylabel,
             "lines": {label: {"x": _floats(xs), "y": _floats(ys)} for label, (xs, ys) in lines.items()},
-            "points": {label: {"x": _floats(xs), "y": _floats(ys)} for label, (xs, ys) in points.items()}}
+            "points": {label: {"x": _floats(xs), "y": _floats(ys)} for label, (xs, ys) in points.items()},
+            "bands": {label: {"low": _floats(lo), "high": _floats(hi)}
+                      for label, (lo, hi) in bands.items()}}
     return Chart(figure, data)
 
 
 def bar_chart(categories: list[str], series: dict, *, title: str = "", ylabel: str = "",
-              ylim: tuple | None = None) -> Chart:
+              ylim: tuple | None = None, errors: dict | None = None) -> Chart:
     """Grouped bars: for each category one bar per series {label: values, one per category},
-    each bar labelled with its value."""
+    each bar labelled with its value; `errors` {label: values} draws +- error bars (a spread
+    over seeds)."""
+    errors = errors or {}
     if not categories or not series:
         raise ValueError("nothing to plot: no categories or no series")
     for label, values in series.items():
@@ -86,7 +94,8 @@ def bar_chart(categories: list[str], series: dict, *, title: str = "", ylabel: s
     x = np.arange(len(categories))
     for i, (label, values) in enumerate(series.items()):
         bars = axes.bar(x + (i - (len(series) - 1) / 2) * width, _floats(values), width,
-                        color=COLORS[i % len(COLORS)], label=label)
+                        color=COLORS[i % len(COLORS)], label=label,
+                        yerr=_floats(errors[label]) if label in errors else None, capsize=3)
         axes.bar_label(bars, fmt="%.2f", fontsize=8)
     axes.set_xticks(x, categories, rotation=20, ha="right")
     axes.set(title=title, ylabel=ylabel)
@@ -96,7 +105,8 @@ def bar_chart(categories: list[str], series: dict, *, title: str = "", ylabel: s
     axes.set_axisbelow(True)
     axes.legend(frameon=False)
     data = {"title": title, "ylabel": ylabel, "categories": list(categories),
-            "series": {label: _floats(values) for label, values in series.items()}}
+            "series": {label: _floats(values) for label, values in series.items()},
+            "errors": {label: _floats(values) for label, values in errors.items()}}
     return Chart(figure, data)
 
 

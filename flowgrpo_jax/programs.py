@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowgrpo_jax import families, lora_io, objectives, parallel
+from flowgrpo_jax import families, lora_io, objectives, parallel, population
 from flowgrpo_jax import update as up
 from flowgrpo_jax.generator import Family, Generator, nnx_velocity
 from flowgrpo_jax.lora import apply_lora
@@ -147,42 +147,64 @@ class Programs:
     after_epoch: OnMesh | None  # update.make_after_epoch's, when the objective has one
     velocity: Callable  # velocity_fn((trainable, frozen), x, t, text)
 
+    population: bool = False  # every program but encode_replicated maps a member axis
     _rollouts: dict = dataclasses.field(default_factory=dict)
 
     def rollout(self, kind: str, window: Window | None = None, records=STEP_RECORDS) -> OnMesh:
         """(params, latents, text, sigmas, key, noise_level, guidance_scale, uncond_text) ->
-        Rollout, batch-sharded (sampling.rollout.rollout's arguments)."""
+        Rollout, batch-sharded (sampling.rollout.rollout's arguments; with a population,
+        params is (stacked trainable, frozen) and latents, text, key, noise_level and
+        guidance_scale carry a member axis)."""
         records = tuple(records)
         if (kind, window, records) not in self._rollouts:
             fn = functools.partial(trajectory, self.velocity, kind=kind, window=window,
                                    records=records)
-            self._rollouts[kind, window, records] = OnMesh(
-                jax.jit(fn, out_shardings=parallel.batch_sharding(self.mesh)), self.mesh)
+            fn = _members(fn, ((0, None), 0, 0, None, 0, 0, 0, None), self.mesh, self.population)
+            self._rollouts[kind, window, records] = OnMesh(jax.jit(fn, out_shardings=batch_sharding(
+                self.mesh, self.population)), self.mesh)
         return self._rollouts[kind, window, records]
 
 
+def _members(fn, in_axes, mesh, population: bool):
+    """fn, or with a population fn vmapped over the member axis (split over the mesh's
+    population axis when it has one)."""
+    if not population:
+        return fn
+    return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=parallel.member_axis(mesh))
+
+
+def batch_sharding(mesh, population: bool):
+    """The sharding of batches: (samples, ...), with a population (members, samples, ...)."""
+    sharding = parallel.batch_sharding(mesh)
+    return parallel.stacked(sharding, mesh) if population else sharding
+
+
 def build_programs(generator: Generator, objective: Objective, velocity, optimizer,
-                   settings: up.Settings, mesh, *, state, frozen, reference=None) -> Programs:
-    """The run's programs; `state`, `frozen` and `reference` (real or abstract) give the
-    update's shardings, as in update.make_train_step."""
-    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+                   settings: up.Settings, mesh, *, state, frozen, reference=None,
+                   population: bool = False) -> Programs:
+    """The run's programs; `state` (one member's with a population), `frozen` and `reference`
+    (real or abstract) give the update's shardings, as in update.make_train_step."""
+    batch, replicated = batch_sharding(mesh, population), parallel.replicated(mesh)
     encode = _module_fn(generator.encoder, generator.encode_tokens)
     decode = _module_fn(generator.decoder, generator.decode_latents)
+    members = lambda fn, in_axes: _members(fn, in_axes, mesh, population)
     on_mesh = lambda jitted: None if jitted is None else OnMesh(jitted, mesh)
-    step = up.make_train_step(objective, velocity, optimizer, settings, mesh, state=state,
-                              frozen=frozen, reference=reference)
+    shapes = dict(state=state, population=population)
+    step = up.make_train_step(objective, velocity, optimizer, settings, mesh, frozen=frozen,
+                              reference=reference, **shapes)
     likelihood = bool(objective.ratio_records)
-    rescore = (up.make_rescore(objective, velocity, settings, mesh, state=state, frozen=frozen)
+    rescore = (up.make_rescore(objective, velocity, settings, mesh, frozen=frozen, **shapes)
                if likelihood else None)
-    log_ratio = jax.jit(objective.log_ratio, out_shardings=batch) if likelihood else None
+    log_ratio = (jax.jit(members(objective.log_ratio, 0), out_shardings=batch)
+                 if likelihood else None)
     return Programs(
         mesh=mesh,
-        encode=OnMesh(jax.jit(encode, out_shardings=batch), mesh),
+        encode=OnMesh(jax.jit(members(encode, (None, 0)), out_shardings=batch), mesh),
         encode_replicated=OnMesh(jax.jit(encode, out_shardings=replicated), mesh),
-        decode=OnMesh(jax.jit(decode, out_shardings=batch), mesh),
+        decode=OnMesh(jax.jit(members(decode, (None, 0)), out_shardings=batch), mesh),
         train_step=OnMesh(step, mesh), rescore=on_mesh(rescore), log_ratio=on_mesh(log_ratio),
-        after_epoch=on_mesh(up.make_after_epoch(objective, mesh, state=state)),
-        velocity=velocity)
+        after_epoch=on_mesh(up.make_after_epoch(objective, mesh, **shapes)),
+        velocity=velocity, population=population)
 
 
 def _abstract(tree, shardings):
@@ -209,7 +231,9 @@ class Run:
     objective: Objective
     optimizer: Any
     settings: up.Settings
-    state: Any  # update.TrainState, or its ShapeDtypeStructs
+    state: Any  # update.TrainState, or its ShapeDtypeStructs (members stacked: population)
+    members: list  # population.Member: the run's members (a solo run: one)
+    member_state: Any  # one member's TrainState as ShapeDtypeStructs, with shardings
     frozen: Any
     reference: Any  # the initial trainable params with full fine-tuning; None with LoRA
     encoder: Any
@@ -220,11 +244,36 @@ class Run:
     programs: Programs
 
 
+def population_members(config) -> list[population.Member]:
+    """The run's members (population.py), checked to make one program; a solo run's one."""
+    # the members' settings are compared on one schedule: the vmapped keys never change it
+    schedule = lambda c: flow_match_schedule(c.sample.num_steps, shift=1.0)[0]
+    return population.check(config, lambda c: settings_for(c, schedule(c)),
+                            lambda c: hyperparameters_for(c, objectives.for_config(c)))
+
+
+def initial_trainables(config, family: Family, members, trainable) -> list:
+    """Each member's initial trainable params, as its solo run starts: a LoRA drawn from its
+    own seed (on a shapes-only copy of the model), else `trainable` itself."""
+    if not config.lora.enabled or config.lora.get("init_from"):
+        return [trainable] * len(members)
+    drawn = {}
+    for m in members:
+        if m.config.seed not in drawn:
+            copy = family.build(m.config.model, remat=m.config.train.remat, abstract=True)
+            drawn[m.config.seed] = build_trainable_model(m.config, family, copy).trainable
+    return [drawn[m.config.seed] for m in members]
+
+
 def build_run(config, devices=None, *, abstract: bool = False) -> Run:
     """The run of `config` on `devices` (default: all), with weights read and placed, or with
-    `abstract` as ShapeDtypeStructs carrying their shardings (no weights read)."""
+    `abstract` as ShapeDtypeStructs carrying their shardings (no weights read). A population
+    config (population.py) gets its members' state stacked and the population programs."""
     s = config.sample
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    members = population_members(config)
+    stacked = population.is_population(config)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices,
+                              population=config.mesh.population)
     place = parallel.placement(mesh)
     family = families.load(config.model.family)
     generator = family.build(config.model, remat=config.train.remat,
@@ -235,26 +284,38 @@ def build_run(config, devices=None, *, abstract: bool = False) -> Run:
     trainable_sh = parallel.state_shardings(model.trainable, mesh)
     frozen = parallel.state_shardings(model.frozen, mesh)
     frozen = _abstract(model.frozen, frozen) if abstract else parallel.place(model.frozen, frozen)
-    hyper = hyperparameters_for(config, objective)
+    hypers = [hyperparameters_for(m.config, objective) for m in members]
+    init = lambda p: up.init_train_state(p, optimizer, hypers[0], objective.init_extra(p))
+    member_state = jax.eval_shape(init, model.trainable)
+    member_state = _abstract(member_state, parallel.state_shardings(member_state, mesh))
     if abstract:
         trainable = _abstract(model.trainable, trainable_sh)
-        state = jax.eval_shape(lambda p: up.init_train_state(
-            p, optimizer, hyper, objective.init_extra(p)), trainable)
-        state = _abstract(state, parallel.state_shardings(state, mesh))
+        state = member_state
+        if stacked:
+            state = jax.eval_shape(population.stack, [member_state] * len(members))
+            state = _abstract(state, parallel.stacked(
+                jax.tree.map(lambda x: x.sharding, member_state), mesh))
         reference = None if config.lora.enabled else trainable
     else:
         trainable = parallel.place(model.trainable, trainable_sh)
         # Full fine-tuning keeps the initial weights as the KL reference; LoRA switches itself off.
         reference = None if config.lora.enabled else jax.tree.map(jnp.copy, trainable)
-        state = up.create_train_state(trainable, optimizer, mesh, hyper, objective)
+        if stacked:
+            trainables = [parallel.place(p, trainable_sh) for p in
+                          initial_trainables(config, family, members, trainable)]
+            state = up.create_population_state(trainables, optimizer, mesh, hypers, objective)
+        else:
+            state = up.create_train_state(trainable, optimizer, mesh, hypers[0], objective)
     sigmas = flow_match_schedule(s.num_steps, shift=generator.shift)[0]
     settings = settings_for(config, sigmas)
     return Run(
         config=config, mesh=mesh, family=family, generator=generator, objective=objective,
         optimizer=optimizer, settings=settings, state=state, frozen=frozen, reference=reference,
+        members=members, member_state=member_state,
         encoder=_placed_state(generator.encoder, "encoder", place, abstract),
         decoder=_placed_state(generator.decoder, "decoder", place, abstract),
         sigmas=sigmas, eval_sigmas=flow_match_schedule(s.eval_num_steps, shift=generator.shift)[0],
         window=Window(s.window_size, s.window_lo, s.window_hi) if s.window_size else None,
         programs=build_programs(generator, objective, model.velocity, optimizer, settings, mesh,
-                                state=state, frozen=frozen, reference=reference))
+                                state=member_state, frozen=frozen, reference=reference,
+                                population=stacked))

@@ -21,6 +21,12 @@ One epoch:
 Every random draw comes from (seed, epoch, chunk, sample), so an epoch's work does not depend on
 the device count and a resumed run repeats exactly what the uninterrupted one does.
 
+A population (population.py: `population.seeds`, `population.vmap`) trains runs that differ
+only in seed or numeric hyperparameters as one program: the same steps with the trainable state
+and the batches stacked on a member axis and every program vmapped over it; each member draws
+what its solo run draws and keeps its own advantages, metrics, logs and checkpoints in
+WORKDIR/<member>.
+
 Checkpoints (orbax) are written every `save_every` epochs, at the end, and when SIGTERM
 arrives (the handler sets a flag; the loop saves at its next safe point and exits). A restart
 with the same workdir resumes from the latest intact checkpoint (a damaged newer one is moved
@@ -42,6 +48,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +59,12 @@ from tqdm import tqdm
 
 from flowgrpo_jax import checkpoint as ckpt
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import parallel
+from flowgrpo_jax import parallel, population
+from flowgrpo_jax import programs as programs_lib
 from flowgrpo_jax.generator import Family
 from flowgrpo_jax.logging_utils import MetricWriter
 from flowgrpo_jax.objectives.advantages import PerPromptStatTracker
-from flowgrpo_jax.programs import build_run
+from flowgrpo_jax.programs import build_run, population_members
 from flowgrpo_jax.prompts import PromptFileError, epoch_prompt_indices, load_prompts
 from flowgrpo_jax.rewards.client import RewardClient, RewardServerUnreachable
 from flowgrpo_jax.rewards.registry import merged_options, options_in_use, parse_weights
@@ -133,64 +141,93 @@ class SampledEpoch:
     """One epoch's rollouts, and what this process sent to the reward server."""
 
     batches: list  # per rollout chunk, a dict of global arrays: the objective's records, text, ids
-    rewards: list  # per chunk, the future RewardResult of this process's rows
-    prompts: list  # per chunk, this process's prompts
-    groups: list  # per chunk, the prompt index of each of this process's rows
-    images: np.ndarray  # this process's images of the first chunk, for the image log
+    rewards: list  # per chunk, the future RewardResult of this process's rows (all members')
+    prompts: list  # per chunk, per member, this process's prompts
+    groups: list  # per chunk, per member, the prompt index of each of this process's rows
+    images: list  # per member, this process's images of the first chunk, for the image log
+
+
+@dataclasses.dataclass
+class MemberRun:
+    """What a run keeps on the host for one member (a solo run is its one member): its seed's
+    key, advantages, checkpoints and logs, in its own workdir."""
+
+    name: str  # "" for a solo run
+    config: Any  # its solo run's config
+    workdir: str
+    key: Any  # jax.random.key(config.seed): every draw of its run comes from it
+    tracker: PerPromptStatTracker
+    checkpointer: ckpt.TrainCheckpointer
+    writer: MetricWriter
+    nonfinite_streak: int = 0  # updates skipped in a row for a non-finite loss or gradient
+    warned_off_policy: bool = False
+    stopped: str = ""  # why a population's member stopped training ("" while it trains)
 
 
 class Trainer:
-    """A training run in `workdir`. It owns a reward server from construction on; use it as a
-    context manager (or call close()) to stop it.
+    """A training run in `workdir`: one run, or a population of runs trained as one program
+    (population.py), member i in WORKDIR/<its name>. It owns a reward server from construction
+    on; use it as a context manager (or call close()) to stop it.
 
-    on_metrics(step, metrics) is called with every metrics dict the run logs: each epoch's
-    (step = the epoch) and each evaluation's (step = the epochs trained before it).
+    on_metrics(step, metrics, member) is called with every metrics dict the run logs, per
+    member (member: its name, "" in a solo run): each epoch's (step = the epoch) and each
+    evaluation's (step = the epochs trained before it).
     """
 
     def __init__(self, config, workdir: str, *, allow_config_change: bool = False,
-                 on_metrics: Callable[[int, dict], None] | None = None):
+                 on_metrics: Callable[[int, dict, str], None] | None = None):
         config_lib.validate(config, jax.device_count(), jax.process_count())
+        members = population_members(config)  # before the workdir: a bad population writes nothing
         self.config = config
         self.workdir = workdir
+        self.population = population.is_population(config)
         self.on_metrics = on_metrics
         self.is_main = jax.process_index() == 0
-        # Progress bars on a terminal only; a log file gets one line per epoch (`_log`).
+        # Progress bars on a terminal only; a log file gets one line per epoch (`_log_epoch`).
         self.bars = self.is_main and sys.stderr.isatty()
         # Before the workdir and the model: a bad prompt file stops the run at once.
         self.train_prompts = load_prompts(config.prompts.train_file, config.prompts.format)
         test_file = config.prompts.test_file or config.prompts.train_file
         self.test_prompts = load_prompts(test_file, config.prompts.format)
-        self._check_workdir(allow_config_change)
+        folder = lambda m: os.path.join(workdir, m.name) if self.population else workdir
+        self._check_workdir(workdir, config, allow_config_change)
+        for m in members if self.population else ():
+            self._check_workdir(folder(m), m.config, allow_config_change)
         self.sizes = config_lib.sizes(config)
         s, t = config.sample, config.train
 
         run = build_run(config)
         self.mesh, self.family, self.generator = run.mesh, run.family, run.generator
         self.objective, self.programs, self.state = run.objective, run.programs, run.state
+        self.member_state = run.member_state
         self.frozen, self.reference = run.frozen, run.reference
         self.encoder, self.decoder = run.encoder, run.decoder
         self.sigmas, self.eval_sigmas, self.window = run.sigmas, run.eval_sigmas, run.window
         self.uncond = (self._encode_replicated([self.family.negative_prompt])
                        if s.guidance_scale != 1.0 else None)
-        batch_sh = parallel.batch_sharding(self.mesh)
-        self._concat = jax.jit(lambda chunks: jax.tree.map(lambda *a: jnp.concatenate(a), *chunks),
-                               out_shardings=batch_sh)
-        self._take = jax.jit(lambda data, idx: jax.tree.map(lambda a: a[idx], data),
-                             out_shardings=batch_sh)
+        batch_sh = programs_lib.batch_sharding(self.mesh, self.population)
+        axis = 1 if self.population else 0  # the sample axis of the epoch's arrays
+        self._concat = jax.jit(lambda chunks: jax.tree.map(
+            lambda *a: jnp.concatenate(a, axis), *chunks), out_shardings=batch_sh)
+        take = lambda data, idx: jax.tree.map(lambda a: a[idx], data)
+        self._take = jax.jit(jax.vmap(take) if self.population else take, out_shardings=batch_sh)
+        lead = (len(members),) if self.population else ()
         self._zero_ratios = jax.jit(  # an on-policy update's log-ratios
-            lambda: jnp.zeros((self.sizes["update"], run.settings.num_terms)),
+            lambda: jnp.zeros((*lead, self.sizes["update"], run.settings.num_terms)),
             out_shardings=batch_sh)
-        self._warned_off_policy = False
 
-        self.tracker = PerPromptStatTracker(global_std=t.global_std, clip_max=t.adv_clip_max)
-        self.checkpointer = ckpt.TrainCheckpointer(workdir)
-        self.writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main,
-                                   wandb_project=config.logging.wandb_project
-                                   if config.logging.wandb else None,
-                                   run_config=config.to_dict())
-        self.base_key = jax.random.key(config.seed)
+        wandb = config.logging.wandb
+        group = config.logging.wandb_group or os.path.basename(os.path.abspath(workdir))
+        self.members = [MemberRun(
+            name=m.name, config=m.config, workdir=folder(m), key=jax.random.key(m.config.seed),
+            tracker=PerPromptStatTracker(global_std=t.global_std, clip_max=t.adv_clip_max),
+            checkpointer=ckpt.TrainCheckpointer(folder(m)),
+            writer=MetricWriter(os.path.join(folder(m), "tensorboard"), enabled=self.is_main,
+                                wandb_project=wandb or None, run_config=m.config.to_dict(),
+                                wandb_group=group if self.population else None,
+                                wandb_name=m.name or None))
+            for m in members]
         self.epoch = 0
-        self.nonfinite_streak = 0  # updates skipped in a row for a non-finite loss or gradient
         self.rewards = reward_client(config, self.family)  # last: a failure above starts none
         self._eval_rewards = None  # evaluation's, started by its first call
 
@@ -198,8 +235,9 @@ class Trainer:
         self.rewards.close()
         if self._eval_rewards not in (None, self.rewards):
             self._eval_rewards.close()
-        self.checkpointer.close()
-        self.writer.close()
+        for m in self.members:
+            m.checkpointer.close()
+            m.writer.close()
 
     def __enter__(self):
         return self
@@ -207,45 +245,93 @@ class Trainer:
     def __exit__(self, *exc):
         self.close()
 
-    def _check_workdir(self, allow_change: bool) -> None:
+    def _check_workdir(self, workdir: str, config, allow_change: bool) -> None:
         """Process 0 checks (and records) the config; every process stops if it refuses."""
         error = None
         if self.is_main:
             try:
-                ckpt.check_workdir_config(self.workdir, self.config.to_dict(), allow_change)
+                ckpt.check_workdir_config(workdir, config.to_dict(), allow_change)
             except ckpt.WorkdirError as e:
                 error = e
         if parallel.any_process(error is not None):
             raise error or ckpt.WorkdirError(
-                f"{self.workdir}: its recorded config refused this run (see process 0)")
+                f"{workdir}: its recorded config refused this run (see process 0)")
+
+    # ---- host values to the programs' layout --------------------------------------------------
+
+    def _batch(self, per_member):
+        """Each member's host rows (leading dim: this process's samples) -> a global batch,
+        members stacked in a population."""
+        if not self.population:
+            return parallel.shard_batch(per_member[0], self.mesh)
+        stacked = jax.tree.map(lambda *rows: np.stack(rows), *per_member)
+        return jax.device_put(stacked, programs_lib.batch_sharding(self.mesh, True))
+
+    def _each(self, per_member):
+        """One value per member (keys, index arrays) -> replicated in a solo run; stacked and
+        each member's on its devices in a population."""
+        if not self.population:
+            return parallel.replicate(per_member[0], self.mesh)
+        sharding = parallel.stacked(parallel.replicated(self.mesh), self.mesh)
+        return jax.device_put(jax.tree.map(lambda *v: jnp.stack(v), *per_member), sharding)
+
+    def _per_member(self, tree) -> list:
+        """A program's output -> one host pytree per member."""
+        tree = jax.device_get(tree)
+        if not self.population:
+            return [tree]
+        return [population.member_of(tree, i) for i in range(len(self.members))]
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Resumes from the newest intact checkpoint; one line per damaged newer one. The
-        hyperparameters stay the config's (a run resumed with another config trains with its
-        values)."""
-        hyper = self.state.hyper
-        restored = self.checkpointer.restore_latest(self.state)
-        if restored is None:
+        """Resumes every member from its newest intact checkpoint (a population from the
+        newest epoch all members have); one line per damaged newer one. The hyperparameters
+        stay the config's (a run resumed with another config trains with its values)."""
+        template = self.member_state if self.population else self.state
+        found = [m.checkpointer.restore_latest(template) for m in self.members]
+        if all(r is None for r in found):
             return
-        step, state, host, damaged = restored
-        self.state = state.replace(hyper=hyper)
-        if self.is_main:
-            for bad, problem, moved_to in damaged:
-                print(f"warning: checkpoint {bad} in {self.checkpointer.directory} is damaged "
-                      f"({problem}); moved to {moved_to}, resuming from checkpoint {step}",
-                      file=sys.stderr, flush=True)
-        self.epoch = host["epoch"]
-        self.tracker.load_state_dict(host["tracker"])
+        if any(r is None for r in found):
+            missing = [m.name for m, r in zip(self.members, found) if r is None]
+            raise ckpt.CheckpointError(f"{self.workdir}: members {missing} have no checkpoint "
+                                       f"while others do; move the population's folder away to "
+                                       f"start it afresh")
+        epoch = min(host["epoch"] for _, _, host, _ in found)
+        states = []
+        for m, (step, state, host, damaged) in zip(self.members, found):
+            if host["epoch"] != epoch:  # a member ahead of the others goes back to their epoch
+                if epoch not in m.checkpointer.all_steps():
+                    raise ckpt.CheckpointError(
+                        f"{m.checkpointer.directory} has no checkpoint of epoch {epoch}, the "
+                        f"newest every member has; move the population's folder away to start "
+                        f"it afresh")
+                step, (state, host) = epoch, m.checkpointer.restore(epoch, template)
+            states.append(state)
+            m.tracker.load_state_dict(host["tracker"])
+            if self.is_main:
+                for bad, problem, moved_to in damaged:
+                    print(f"warning: checkpoint {bad} in {m.checkpointer.directory} is damaged "
+                          f"({problem}); moved to {moved_to}, resuming from checkpoint {step}",
+                          file=sys.stderr, flush=True)
+        hyper = self.state.hyper
+        if self.population:
+            sharding = jax.tree.map(lambda x: x.sharding, self.state)
+            restored = jax.jit(population.stack, out_shardings=sharding)(states)
+        else:
+            restored = states[0]
+        self.state = restored.replace(hyper=hyper)
+        self.epoch = epoch
         if self.is_main:
             tqdm.write(f"resumed from the checkpoint of epoch {self.epoch} in {self.workdir}")
 
     def save(self) -> None:
-        if self.checkpointer.latest_step() == self.epoch:
-            return
-        self.checkpointer.save(self.epoch, self.state,
-                               {"epoch": self.epoch, "tracker": self.tracker.state_dict()})
+        for i, m in enumerate(self.members):
+            if m.stopped or m.checkpointer.latest_step() == self.epoch:
+                continue
+            state = population.member_of(self.state, i) if self.population else self.state
+            m.checkpointer.save(self.epoch, state,
+                                {"epoch": self.epoch, "tracker": m.tracker.state_dict()})
 
     # ---- sampling ----------------------------------------------------------------------------
 
@@ -253,30 +339,37 @@ class Trainer:
         tokens = parallel.replicate(self.generator.tokenize(prompts), self.mesh)
         return self.programs.encode_replicated(self.encoder, tokens)
 
-    def _sample_chunk(self, params, sigmas, key, noise, prompts, *, kind, window=None,
+    def _sample_chunk(self, params, sigmas, keys, noise, prompts, *, kind, window=None,
                       records=()):
-        """One chunk on the global mesh from this process's rows -> (Rollout, text), global."""
-        tokens = parallel.shard_batch(self.generator.tokenize(prompts), self.mesh)
+        """One chunk on the global mesh from this process's rows of each member ->
+        (Rollout, text), global."""
+        tokens = self._batch([self.generator.tokenize(p) for p in prompts])
         text = self.programs.encode(self.encoder, tokens)
         hyper = self.state.hyper
         out = self.programs.rollout(kind, window, records)(
-            params, parallel.shard_batch(noise, self.mesh), text, parallel.replicate(sigmas, self.mesh),
-            parallel.replicate(key, self.mesh), hyper["noise_level"], hyper["guidance_scale"],
-            self.uncond)
+            params, self._batch(noise), text, parallel.replicate(sigmas, self.mesh),
+            self._each(keys), hyper["noise_level"], hyper["guidance_scale"], self.uncond)
         return out, text
 
-    def _images(self, final_latents) -> np.ndarray:
-        return parallel.local_rows(self.programs.decode(self.decoder, final_latents))
+    def _images(self, final_latents) -> list:
+        """Each member's images (this process's rows) of a chunk's final latents."""
+        images = self.programs.decode(self.decoder, final_latents)
+        if not self.population:
+            return [parallel.local_rows(images)]
+        return list(np.asarray(images))
+
+    def _submit(self, images: list, prompts: list, metadata: list, client):
+        """All members' images of a chunk to the reward server in one request."""
+        return client.submit(np.concatenate(images), sum(prompts, []), sum(metadata, []))
 
     def sample_epoch(self, stop: StopFlag | None = None) -> SampledEpoch | None:
         """This epoch's rollouts, submitted to the reward server chunk by chunk; None if a
         stop was requested before its sampling finished."""
         s = self.config.sample
         chunk = s.batch_size
-        epoch_key = jax.random.fold_in(self.base_key, self.epoch)
-        noise_key = jax.random.fold_in(epoch_key, _NOISE)
-        groups = epoch_prompt_indices(len(self.train_prompts), s.groups_per_epoch,
-                                      self.config.seed, self.epoch)
+        epoch_keys = [jax.random.fold_in(m.key, self.epoch) for m in self.members]
+        groups = [epoch_prompt_indices(len(self.train_prompts), s.groups_per_epoch,
+                                       m.config.seed, self.epoch) for m in self.members]
         start, stop_row = parallel.local_range(self.mesh, chunk)
         params = (self.objective.sampling_params(self.state.params, self.state.extra), self.frozen)
         records = tuple(r for r in self.objective.records if r in STEP_RECORDS)
@@ -285,22 +378,24 @@ class Trainer:
                       leave=False, disable=not self.bars):
             ids = c * chunk + np.arange(start, stop_row)  # global sample ids of this process
             group = ids // s.group_size
-            prompts, metadata = self.train_prompts.take(groups[group])
-            noise = np.asarray(_noise(noise_key, group if s.same_latent else ids,
-                                      self.generator.latent_shape))
-            out, text = self._sample_chunk(
-                params, self.sigmas, jax.random.fold_in(jax.random.fold_in(epoch_key, _ROLLOUT), c),
-                noise, prompts, kind=s.kind, window=self.window, records=records)
+            prompts, metadata = zip(*(self.train_prompts.take(g[group]) for g in groups))
+            noise = [np.asarray(_noise(jax.random.fold_in(k, _NOISE),
+                                       group if s.same_latent else ids, self.generator.latent_shape))
+                     for k in epoch_keys]
+            keys = [jax.random.fold_in(jax.random.fold_in(k, _ROLLOUT), c) for k in epoch_keys]
+            out, text = self._sample_chunk(params, self.sigmas, keys, noise, prompts, kind=s.kind,
+                                           window=self.window, records=records)
             images = self._images(out.final_latents)
-            sampled.rewards.append(self.rewards.submit(images, prompts, metadata))  # scored meanwhile
+            # scored meanwhile
+            sampled.rewards.append(self._submit(images, prompts, metadata, self.rewards))
             if not self.config.reward.overlap:
                 sampled.rewards[-1].result()
             batch = {name: getattr(out, name) for name in self.objective.records}
             batch["text"] = text
-            batch["ids"] = parallel.shard_batch(ids.astype(np.int32), self.mesh)
+            batch["ids"] = self._batch([ids.astype(np.int32)] * len(self.members))
             sampled.batches.append(batch)
             sampled.prompts.append(prompts)
-            sampled.groups.append(groups[group])
+            sampled.groups.append([g[group] for g in groups])
             sampled.images = images if sampled.images is None else sampled.images
             if parallel.any_process(stop is not None and stop.requested):
                 return None
@@ -308,16 +403,23 @@ class Trainer:
 
     # ---- one epoch -----------------------------------------------------------------------------
 
-    def _gather_rewards(self, futures):
-        """Global (N,) totals and components, in global sample order, from every process."""
+    def _gather_rewards(self, futures) -> list:
+        """Per member, global (N,) totals and {component: (N,)}, in global sample order, from
+        every process."""
         results = [f.result() for f in futures]
-        total = parallel.gather_rows(np.stack([r.total for r in results]))
-        components = {name: parallel.gather_rows(np.stack([r.components[name] for r in results]))
-                      for name in results[0].components}
-        return total, components
+        count = len(self.members)
 
-    def train_epoch(self, stop: StopFlag | None = None) -> dict | None:
-        """One epoch; returns its metrics, or None when stopped before its updates."""
+        def per_member(values):  # per chunk (members x this process's rows) -> per member (N,)
+            rows = np.stack(values).reshape(len(values), count, -1)
+            return [parallel.gather_rows(rows[:, i]) for i in range(count)]
+
+        totals = per_member([r.total for r in results])
+        components = {name: per_member([r.components[name] for r in results])
+                      for name in results[0].components}
+        return [(totals[i], {name: v[i] for name, v in components.items()}) for i in range(count)]
+
+    def train_epoch(self, stop: StopFlag | None = None) -> list | None:
+        """One epoch; returns each member's metrics, or None when stopped before its updates."""
         t = self.config.train
         started = time.perf_counter()
         sampled = self.sample_epoch(stop)
@@ -326,133 +428,169 @@ class Trainer:
         data = self._concat(sampled.batches)  # the epoch's rollouts in one copy; chunks freed
         sampled.batches = None
         sample_seconds = time.perf_counter() - started
-        total, components = self._gather_rewards(sampled.rewards)
+        rewards = self._gather_rewards(sampled.rewards)
         reward_wait = time.perf_counter() - started - sample_seconds
-        # groups are keyed by prompt index: equal prompts of an epoch pool their rewards
-        advantages = self.tracker.update(parallel.gather_rows(np.stack(sampled.groups)), total)
 
-        metrics = {"reward/total_mean": total.mean(), "reward/total_std": total.std(),
-                   "advantages/zero_std_ratio": advantages.zero_std_ratio,
-                   "advantages/group_std_mean": advantages.group_std_mean,
-                   "advantages/abs_mean": np.abs(advantages.advantages).mean(),
-                   "data/seen_prompts": self.tracker.num_seen_prompts}
-        for name, values in components.items():
-            metrics[f"reward/{name}_mean"] = values.mean()
-            metrics[f"reward/{name}_std"] = values.std()
-        if self.is_main and self.epoch % self.config.log_every == 0:
-            count = self.config.logging.num_images
-            self.writer.images(self.epoch, "train/images", sampled.images[:count],
-                               [f"{p} ({r:.3f})" for p, r in zip(sampled.prompts[0][:count], total)])
+        all_metrics, advantages = [], []
+        for i, (m, (total, components)) in enumerate(zip(self.members, rewards)):
+            # groups are keyed by prompt index: equal prompts of an epoch pool their rewards
+            adv = m.tracker.update(parallel.gather_rows(np.stack([g[i] for g in sampled.groups])),
+                                   total)
+            advantages.append(adv)
+            metrics = {"reward/total_mean": total.mean(), "reward/total_std": total.std(),
+                       "advantages/zero_std_ratio": adv.zero_std_ratio,
+                       "advantages/group_std_mean": adv.group_std_mean,
+                       "advantages/abs_mean": np.abs(adv.advantages).mean(),
+                       "data/seen_prompts": m.tracker.num_seen_prompts}
+            for name, values in components.items():
+                metrics[f"reward/{name}_mean"] = values.mean()
+                metrics[f"reward/{name}_std"] = values.std()
+            if self.is_main and self.epoch % self.config.log_every == 0:
+                count = self.config.logging.num_images
+                m.writer.images(self.epoch, "train/images", sampled.images[i][:count],
+                                [f"{p} ({r:.3f})" for p, r in zip(sampled.prompts[0][i][:count], total)])
+            all_metrics.append(metrics)
 
         if parallel.any_process(stop is not None and stop.requested):
             return None
         train_started = time.perf_counter()
-        order = update_order(advantages.keep, seed=self.config.seed, epoch=self.epoch,
-                             drop_zero_std=t.drop_zero_std_groups)
-        if order is not None:
-            targets = self.objective.targets(advantages, self.config)
-            data = {**data, "targets": parallel.replicate(targets, self.mesh)}
-            step_metrics, metrics["time/rescore_s"] = self._updates(data, order)
-            step_metrics = jax.device_get(step_metrics)
-            for name in step_metrics[0]:
-                values = [float(m[name]) for m in step_metrics]
-                metrics[f"train/{name}"] = (min(values) if name.endswith("_min") else
-                                            max(values) if name.endswith("_max") else np.mean(values))
-            if "ratio_min" in step_metrics[0]:  # the first update is on-policy: its ratios apart
-                for name in ("ratio_mean", "ratio_min", "ratio_max", "clipfrac", "approx_kl"):
-                    metrics[f"train/on_policy/{name}"] = float(step_metrics[0][name])
-                self._check_on_policy(step_metrics[0])
-            # the updates the train step skipped for a non-finite loss or gradient norm
-            metrics["train/skipped_nonfinite"] = sum(float(m["skipped_nonfinite"])
-                                                     for m in step_metrics)
-            diverged = self._count_nonfinite(step_metrics)
+        orders = [None if m.stopped else update_order(
+            adv.keep, seed=m.config.seed, epoch=self.epoch, drop_zero_std=t.drop_zero_std_groups)
+            for m, adv in zip(self.members, advantages)]
+        active = [order is not None for order in orders]
+        diverged = []
+        if any(active):
+            targets = [self.objective.targets(adv, m.config)
+                       for m, adv in zip(self.members, advantages)]
+            data = {**data, "targets": self._each(targets)}
+            # a member with nothing to learn this epoch runs the update on any order, discarded
+            orders = [np.arange(advantages[0].keep.size) if o is None else o for o in orders]
+            step_metrics, rescore_seconds = self._updates(data, orders, active)
+            for i, (m, updates) in enumerate(zip(self.members, zip(*map(self._per_member, step_metrics)))):
+                if active[i]:
+                    all_metrics[i].update(self._update_metrics(m, updates))
+                    all_metrics[i]["time/rescore_s"] = rescore_seconds
+                    if self._count_nonfinite(m, updates):
+                        diverged.append((m, updates[-1]))
         if self.programs.after_epoch is not None:
             self.state = self.programs.after_epoch(self.state)
-        metrics["train/skipped"] = float(order is None)
-        metrics["time/sample_s"] = sample_seconds
-        metrics["time/reward_wait_s"] = reward_wait
-        metrics["time/train_s"] = time.perf_counter() - train_started
-        metrics["time/epoch_s"] = time.perf_counter() - started
-        if order is not None and diverged:
-            self._log(metrics)
-            latest = self.checkpointer.latest_step()
-            kept = "no checkpoint was written" if latest is None else (
-                f"checkpoint {latest} is the newest")
-            raise NonFiniteUpdatesError(
-                f"training stopped in epoch {self.epoch}: {self.nonfinite_streak} updates in a "
-                f"row had a non-finite loss or gradient norm (the last: loss="
-                f"{float(diverged['loss']):.4g}, grad_norm={float(diverged['grad_norm']):.4g}; "
-                f"train.max_nonfinite_updates={t.max_nonfinite_updates}); each was skipped, "
-                f"nothing is saved after them ({kept}); try a lower train.learning_rate")
+        for metrics, is_active in zip(all_metrics, active):
+            metrics["train/skipped"] = float(not is_active)
+            metrics["time/sample_s"] = sample_seconds
+            metrics["time/reward_wait_s"] = reward_wait
+            metrics["time/train_s"] = time.perf_counter() - train_started
+            metrics["time/epoch_s"] = time.perf_counter() - started
+        for m, last in diverged:
+            self._stop_diverged(m, last, all_metrics)
         self.epoch += 1
+        return all_metrics
+
+    def _update_metrics(self, member: MemberRun, updates: tuple) -> dict:
+        """A member's epoch metrics from its updates' metrics (host dicts)."""
+        metrics = {}
+        for name in updates[0]:
+            values = [float(u[name]) for u in updates]
+            metrics[f"train/{name}"] = (min(values) if name.endswith("_min") else
+                                        max(values) if name.endswith("_max") else np.mean(values))
+        if "ratio_min" in updates[0]:  # the first update is on-policy: its ratios apart
+            for name in ("ratio_mean", "ratio_min", "ratio_max", "clipfrac", "approx_kl"):
+                metrics[f"train/on_policy/{name}"] = float(updates[0][name])
+            self._check_on_policy(member, updates[0])
+        # the updates the train step skipped for a non-finite loss or gradient norm
+        metrics["train/skipped_nonfinite"] = sum(float(u["skipped_nonfinite"]) for u in updates)
         return metrics
 
-    def _updates(self, data, order) -> tuple[list, float]:
-        """The epoch's updates, each on its slice of `order`; their metrics, and the seconds
-        spent rescoring at the sampling params. With exact ratios (a likelihood objective and
-        train.exact_ratio) the first update's log-ratios are zeros (its params sampled the
-        epoch) and a later update's the objective's log-ratio between the rescore program at
-        its params and the same program at the sampling params."""
+    def _stop_diverged(self, member: MemberRun, last: dict, all_metrics: list) -> None:
+        """max_nonfinite_updates skipped updates in a row: a solo run stops with
+        NonFiniteUpdatesError; a population's member stops training (its last checkpoint
+        stays), the others go on, and the run stops only when none is left."""
+        t = self.config.train
+        latest = member.checkpointer.latest_step()
+        kept = "no checkpoint was written" if latest is None else f"checkpoint {latest} is the newest"
+        why = (f"{member.nonfinite_streak} updates in a row had a non-finite loss or gradient "
+               f"norm (the last: loss={float(last['loss']):.4g}, grad_norm="
+               f"{float(last['grad_norm']):.4g}; train.max_nonfinite_updates="
+               f"{t.max_nonfinite_updates}); each was skipped, nothing is saved after them "
+               f"({kept}); try a lower train.learning_rate")
+        member.stopped = why
+        if self.population and not all(m.stopped for m in self.members):
+            if self.is_main:
+                print(f"warning: member {member.name} stopped in epoch {self.epoch}: {why}",
+                      file=sys.stderr, flush=True)
+            return
+        self._log_epoch(all_metrics, self.epoch)
+        who = f"member {member.name}, the last one training: " if self.population else ""
+        raise NonFiniteUpdatesError(f"training stopped in epoch {self.epoch}: {who}{why}")
+
+    def _updates(self, data, orders: list, active: list) -> tuple[list, float]:
+        """The epoch's updates, each on its slice of every member's order; their metrics, and
+        the seconds spent rescoring at the sampling params. With exact ratios (a likelihood
+        objective and train.exact_ratio) the first update's log-ratios are zeros (its params
+        sampled the epoch) and a later update's the objective's log-ratio between the rescore
+        program at its params and the same program at the sampling params."""
         size = self.sizes["update"]
         exact = self.config.train.exact_ratio and self.programs.rescore is not None
         updates = range(self.config.train.updates_per_epoch)
         # taken anew each time it is needed: one update's copy of the epoch's data at a time
-        take = lambda u: self._take(data, parallel.replicate(order[u * size:(u + 1) * size], self.mesh))
+        take = lambda u: self._take(data, self._each([o[u * size:(u + 1) * size] for o in orders]))
         rescore = lambda batch: self.programs.rescore(self.state.params, self.frozen,
                                                       self.state.hyper, batch, self.uncond)
         started = time.perf_counter()
         at_sampling = [rescore(take(u)) for u in updates[1:]] if exact else []
         jax.block_until_ready(at_sampling)
         rescore_seconds = time.perf_counter() - started
-        train_key = jax.random.fold_in(jax.random.fold_in(self.base_key, self.epoch), _TRAIN)
+        train_keys = [jax.random.fold_in(jax.random.fold_in(m.key, self.epoch), _TRAIN)
+                      for m in self.members]
+        active = (self._each([np.bool_(a) for a in active]),) if self.population else ()
         step_metrics = []
         for u in updates:
             batch = take(u)
             if exact:
                 batch["log_ratios"] = self._zero_ratios() if u == 0 else self.programs.log_ratio(
                     rescore(batch), at_sampling[u - 1])
-            key = parallel.replicate(jax.random.fold_in(train_key, u), self.mesh)
+            keys = self._each([jax.random.fold_in(k, u) for k in train_keys])
             self.state, m = self.programs.train_step(self.state, self.frozen, self.reference,
-                                                      batch, self.uncond, key)
+                                                      batch, self.uncond, keys, *active)
             step_metrics.append(m)
         return step_metrics, rescore_seconds
 
-    def _check_on_policy(self, first: dict) -> None:
+    def _check_on_policy(self, member: MemberRun, first: dict) -> None:
         """One warning, the first time an epoch's first update (on-policy: its params sampled
         the epoch) sees ratios beyond the clip range: log-probs of two programs that disagree."""
-        clip = self.config.train.clip_range
-        if self._warned_off_policy or 1 - clip <= first["ratio_min"] <= first["ratio_max"] <= 1 + clip:
+        clip = member.config.train.clip_range
+        if member.warned_off_policy or 1 - clip <= first["ratio_min"] <= first["ratio_max"] <= 1 + clip:
             return
-        self._warned_off_policy = True
+        member.warned_off_policy = True
         if self.is_main:
-            print(f"warning: epoch {self.epoch}: its first update is on-policy, yet its ratios span "
-                  f"[{float(first['ratio_min']):.6f}, {float(first['ratio_max']):.6f}], beyond "
-                  f"train.clip_range={clip:g} (clipfrac {float(first['clipfrac']):.3f}): the "
+            who = f"member {member.name}: " if member.name else ""
+            print(f"warning: {who}epoch {self.epoch}: its first update is on-policy, yet its "
+                  f"ratios span [{float(first['ratio_min']):.6f}, {float(first['ratio_max']):.6f}], "
+                  f"beyond train.clip_range={clip:g} (clipfrac {float(first['clipfrac']):.3f}): the "
                   f"rollout's log-probs disagree with the update's; train.exact_ratio=True makes "
                   f"the ratios exact", file=sys.stderr, flush=True)
 
-    def _count_nonfinite(self, step_metrics) -> dict | None:
-        """Counts skipped updates in a row, across epochs; the last skipped update's metrics
-        once the count reaches train.max_nonfinite_updates, else None."""
-        reached = None
-        for m in step_metrics:
-            self.nonfinite_streak = self.nonfinite_streak + 1 if m["skipped_nonfinite"] else 0
-            if self.nonfinite_streak >= self.config.train.max_nonfinite_updates:
-                reached = m
+    def _count_nonfinite(self, member: MemberRun, updates) -> bool:
+        """Counts a member's skipped updates in a row, across epochs; whether the count reached
+        train.max_nonfinite_updates."""
+        reached = False
+        for u in updates:
+            member.nonfinite_streak = member.nonfinite_streak + 1 if u["skipped_nonfinite"] else 0
+            reached |= member.nonfinite_streak >= self.config.train.max_nonfinite_updates
         return reached
 
     # ---- evaluation -----------------------------------------------------------------------------
 
-    def evaluate(self) -> dict:
-        """ODE at eval_num_steps on the test prompts with the EMA params, scored by evaluation's
-        reward server (reward_client); mean rewards, overall and per metadata tag."""
+    def evaluate(self) -> list:
+        """ODE at eval_num_steps on the test prompts with each member's EMA params, scored by
+        evaluation's reward server (reward_client); per member, mean rewards, overall and per
+        metadata tag."""
         s = self.config.sample
         count = s.num_eval_prompts or len(self.test_prompts)
         count = min(count, len(self.test_prompts))
         chunk = s.eval_batch_size
         padded = -(-count // chunk) * chunk
         rows = np.minimum(np.arange(padded), count - 1)  # the last prompt repeats as padding
-        eval_key = jax.random.fold_in(self.base_key, _EVAL)
+        eval_keys = [jax.random.fold_in(m.key, _EVAL) for m in self.members]
         params = (self.state.ema_params if self.config.train.ema else self.state.params, self.frozen)
         if self._eval_rewards is None:
             self._eval_rewards = reward_client(self.config, self.family, evaluation=True) or self.rewards
@@ -461,23 +599,28 @@ class Trainer:
         for c in tqdm(range(padded // chunk), desc="eval", leave=False, disable=not self.bars):
             ids = c * chunk + np.arange(start, stop_row)
             prompts, metadata = self.test_prompts.take(rows[ids])
-            noise = np.asarray(_noise(eval_key, ids, self.generator.latent_shape))
-            out, _ = self._sample_chunk(params, self.eval_sigmas, eval_key, noise, prompts, kind="ode")
+            noise = [np.asarray(_noise(k, ids, self.generator.latent_shape)) for k in eval_keys]
+            out, _ = self._sample_chunk(params, self.eval_sigmas, eval_keys, noise,
+                                        [prompts] * len(self.members), kind="ode")
             images = self._images(out.final_latents)
-            futures.append(self._eval_rewards.submit(images, prompts, metadata))
+            futures.append(self._submit(images, [prompts] * len(images),
+                                        [metadata] * len(images), self._eval_rewards))
             if first_images is None:
                 first_images, first_prompts = images, prompts
-        total, components = self._gather_rewards(futures)
-        metrics = {"eval/reward_mean": total[:count].mean()}
         tags = np.array([str(m.get("tag", "")) for m in self.test_prompts.take(rows[:count])[1]])
-        for name, values in components.items():
-            metrics[f"eval/{name}_mean"] = values[:count].mean()
-            for tag in sorted(set(tags) - {""}):
-                metrics[f"eval/{name}_mean/{tag}"] = values[:count][tags == tag].mean()
-        if self.is_main:
-            n = self.config.logging.num_images
-            self.writer.images(self.epoch, "eval/images", first_images[:n], first_prompts[:n])
-        return metrics
+        all_metrics = []
+        for i, (m, (total, components)) in enumerate(zip(self.members,
+                                                         self._gather_rewards(futures))):
+            metrics = {"eval/reward_mean": total[:count].mean()}
+            for name, values in components.items():
+                metrics[f"eval/{name}_mean"] = values[:count].mean()
+                for tag in sorted(set(tags) - {""}):
+                    metrics[f"eval/{name}_mean/{tag}"] = values[:count][tags == tag].mean()
+            if self.is_main:
+                n = self.config.logging.num_images
+                m.writer.images(self.epoch, "eval/images", first_images[i][:n], first_prompts[:n])
+            all_metrics.append(metrics)
+        return all_metrics
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -500,17 +643,17 @@ class Trainer:
         try:  # the bar ends its line even when an error ends the run, whose line comes next
             while self.epoch < c.num_epochs and not stopped:
                 if c.eval_every and self.epoch % c.eval_every == 0:
-                    self._log(self.evaluate())
+                    self._log_epoch(self.evaluate())
                 metrics = self.train_epoch(stop)
                 if metrics is None:
                     stopped = True
                     break
                 per_epoch = (time.perf_counter() - started) / (self.epoch - first)
                 left = round(per_epoch * (c.num_epochs - self.epoch))
-                self._log(metrics, step=self.epoch - 1,
-                          suffix=f" left={left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+                self._log_epoch(metrics, step=self.epoch - 1,
+                                suffix=f" left={left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
+                bar.set_postfix(reward=f"{np.mean([m['reward/total_mean'] for m in metrics]):.3f}")
                 stopped = parallel.any_process(stop.requested)
                 if stopped or self.epoch % c.save_every == 0:
                     self.save()
@@ -522,43 +665,56 @@ class Trainer:
                 tqdm.write(f"stopped by signal at epoch {self.epoch}; checkpoint saved")
             return
         if c.eval_every:
-            self._log(self.evaluate())
+            self._log_epoch(self.evaluate())
         self.save()
         # Every process reports the params it holds: replicas must agree across processes.
         print(f"process {jax.process_index()}/{jax.process_count()}: epoch {self.epoch}, params "
               f"fingerprint {parallel.fingerprint(self.state.params)}", flush=True)
 
-    def _log(self, metrics: dict, step: int | None = None, suffix: str = "") -> None:
-        """Logs `metrics` (TensorBoard, wandb, on_metrics) and prints one line of them."""
+    # the metrics of the line printed per epoch (and the eval/*_mean ones)
+    _SHOWN = ("reward/total_mean", "train/loss", "train/kl", "train/approx_kl", "train/clipfrac",
+              "train/skipped_nonfinite", "time/epoch_s")
+
+    def _log_epoch(self, all_metrics: list, step: int | None = None, suffix: str = "") -> None:
+        """Logs each member's metrics (TensorBoard, wandb, on_metrics) and prints one line: a
+        solo run's metrics, a population's mean and range over its members."""
         step = self.epoch if step is None else step
-        self.writer.scalars(step, metrics)
-        if self.on_metrics is not None:
-            self.on_metrics(step, metrics)
-        if self.is_main:
-            shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()
-                             if k.endswith("_mean") and k.startswith("eval/") or k in (
-                                 "reward/total_mean", "train/loss", "train/kl", "train/approx_kl",
-                                 "train/clipfrac", "train/skipped_nonfinite", "time/epoch_s"))
-            tqdm.write(f"epoch {step}: {shown}{suffix}")
+        for m, metrics in zip(self.members, all_metrics):
+            m.writer.scalars(step, metrics)
+            if self.on_metrics is not None:
+                self.on_metrics(step, metrics, m.name)
+        if not self.is_main:
+            return
+        names = [k for k in all_metrics[0] if k.endswith("_mean") and k.startswith("eval/")
+                 or k in self._SHOWN]
+        shown = []
+        for name in names:
+            values = [float(metrics[name]) for metrics in all_metrics if name in metrics]
+            text = f"{name}={np.mean(values):.4g}"
+            if len(values) > 1:
+                text += f" [{min(values):.4g}, {max(values):.4g}]"
+            shown.append(text)
+        who = f" ({len(all_metrics)} members: mean [min, max])" if self.population else ""
+        tqdm.write(f"epoch {step}{who}: {' '.join(shown)}{suffix}")
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped before config.num_epochs (SIGTERM); its checkpoint is saved."""
 
 
-def train(config, workdir: str) -> list[dict]:
+def train(config, workdir: str) -> list[dict] | dict[str, list[dict]]:
     """Trains to config.num_epochs in `workdir` (resuming what is there); returns every logged
-    metrics dict as {"epoch": step, **metrics}. Raises TrainingStopped when a signal stopped
-    the run first."""
-    history = []
-    record = lambda step, metrics: history.append(
+    metrics dict as {"epoch": step, **metrics}, a population's as {member name: that list}.
+    Raises TrainingStopped when a signal stopped the run first."""
+    histories = {}
+    record = lambda step, metrics, member: histories.setdefault(member, []).append(
         {"epoch": step, **{k: float(v) for k, v in metrics.items()}})
     with Trainer(config, workdir, on_metrics=record) as trainer:
         trainer.run()
         if trainer.epoch < config.num_epochs:
             raise TrainingStopped(f"training in {workdir} stopped at epoch {trainer.epoch} of "
                                   f"{config.num_epochs}")
-    return history
+    return histories if trainer.population else histories.get("", [])
 
 
 FLAGS = flags.FLAGS
@@ -580,7 +736,8 @@ def _init_distributed() -> None:
 
 # Errors of the run's inputs (exit 2) and of the run itself (exit 1), each reported in one
 # line: the message names the key, file or address at fault.
-_INPUT_ERRORS = (config_lib.ConfigError, ckpt.WorkdirError, PromptFileError)
+_INPUT_ERRORS = (config_lib.ConfigError, ckpt.WorkdirError, PromptFileError,
+                 population.PopulationError)
 _RUN_ERRORS = (RewardServerUnreachable, ckpt.CheckpointError, NonFiniteUpdatesError)
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flowgrpo_jax import parallel
+from flowgrpo_jax import parallel, population
 from flowgrpo_jax.lora import disabled
 from flowgrpo_jax.objectives.base import Inputs, Objective
 
@@ -122,6 +122,18 @@ def create_train_state(params, optimizer, mesh, hyper: dict, objective: Objectiv
     return jax.jit(init, out_shardings=shardings)(params)
 
 
+def create_population_state(params: list, optimizer, mesh, hypers: list, objective: Objective,
+                            rules=parallel.DEFAULT_RULES) -> TrainState:
+    """A population's initial state: member i's (from params[i] and hypers[i]) stacked on a
+    leading axis, built under jit into its shardings over `mesh`."""
+    def init(params, hyper):
+        return init_train_state(params, optimizer, hyper, objective.init_extra(params))
+
+    member = parallel.state_shardings(jax.eval_shape(init, params[0], hypers[0]), mesh, rules)
+    stack = lambda params: population.stack([init(p, h) for p, h in zip(params, hypers)])
+    return jax.jit(stack, out_shardings=parallel.stacked(member, mesh))(params)
+
+
 def ema_decay(updates_done, max_decay, every: int = 1):
     """min((1 + n) / (10 + n), max_decay) after update n when (n + 1) % every == 0 (as the
     reference counts), else 1 (the EMA stays): a short memory early, then the fixed decay."""
@@ -188,12 +200,16 @@ def _shardings(mesh, rules, *trees):
 
 def make_train_step(objective: Objective, velocity_fn: Callable, optimizer, settings: Settings,
                     mesh, *, state: TrainState, frozen, reference=None,
-                    rules=parallel.DEFAULT_RULES):
+                    rules=parallel.DEFAULT_RULES, population: bool = False):
     """Returns step(state, frozen, reference, batch, uncond_text, key) -> (state, metrics),
     jitted over `mesh` with the state donated. `state`, `frozen` and `reference` (real or
     abstract) give the shapes and logical names the shardings come from. `uncond_text` (the
     negative prompt's embeddings, batch 1) turns CFG on; None trains without CFG. `key` seeds
-    the objective's own draws (NFT's training noise)."""
+    the objective's own draws (NFT's training noise).
+
+    population=True: the step of a population (`_population_step`): state, batch, key and
+    metrics carry a leading member axis, `state` gives one member's shapes, and a last
+    argument `active` (members,) says which members update."""
 
     def term_grads(state, frozen, ref_trainable, uncond, micro, j, key):
         def loss(params):
@@ -253,21 +269,47 @@ def make_train_step(objective: Objective, velocity_fn: Callable, optimizer, sett
 
     state_sh, frozen_sh, ref_sh = _shardings(mesh, rules, state, frozen, reference)
     replicated = parallel.replicated(mesh)
+    batch_sh, key_sh, metrics_sh, step = parallel.batch_sharding(mesh, rules), replicated, replicated, train_step
+    if population:
+        step = _population_step(train_step, mesh)
+        state_sh, batch_sh, key_sh, metrics_sh = parallel.stacked(
+            (state_sh, batch_sh, key_sh, metrics_sh), mesh)
     return jax.jit(
-        train_step,
-        in_shardings=(state_sh, frozen_sh, ref_sh, parallel.batch_sharding(mesh, rules),
-                      replicated, replicated),
-        out_shardings=(state_sh, replicated),
+        step,
+        in_shardings=(state_sh, frozen_sh, ref_sh, batch_sh, replicated, key_sh) + (
+            (key_sh,) if population else ()),
+        out_shardings=(state_sh, metrics_sh),
         donate_argnums=0,
     )
 
 
+def _over_members(fn, in_axes, mesh):
+    """fn vmapped over a population's leading axis (split over the mesh's population axis)."""
+    return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=parallel.member_axis(mesh))
+
+
+def _population_step(train_step, mesh):
+    """step(states, frozen, reference, batches, uncond_text, keys, active): each member's
+    update, the state of a member whose `active` is False kept as it was (one whose epoch left
+    no sample to learn from, or that has stopped)."""
+
+    def step(state, frozen, reference, batch, uncond_text, key, active):
+        new, metrics = _over_members(train_step, (0, None, None, 0, None, 0), mesh)(
+            state, frozen, reference, batch, uncond_text, key)
+        keep = lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+        return jax.tree.map(keep, new, state), metrics
+
+    return step
+
+
 def make_rescore(objective: Objective, velocity_fn: Callable, settings: Settings, mesh, *,
-                 state: TrainState, frozen, rules=parallel.DEFAULT_RULES):
+                 state: TrainState, frozen, rules=parallel.DEFAULT_RULES,
+                 population: bool = False):
     """Returns rescore(params, frozen, hyper, batch, uncond_text) -> {record: (B, n, ...)},
     jitted over `mesh`: a likelihood objective's step_records of each sample's first n stored
     transitions under `params` (the trainable state; `frozen` the rest), forward only, in the
-    update's micro batches. `batch["log_ratios"]` is not read."""
+    update's micro batches. `batch["log_ratios"]` is not read. population=True: params, hyper,
+    batch and the records carry a leading member axis."""
 
     def rescore(params, frozen, hyper, batch: dict, uncond_text):
         _check_batch(batch, settings, mesh, rules)
@@ -285,20 +327,24 @@ def make_rescore(objective: Objective, velocity_fn: Callable, settings: Settings
         size = batch["targets"].shape[0]
         return jax.tree.map(lambda a: _unsplit(a, size), per_micro)  # (B / m, n, m, ...) -> (B, n, ...)
 
-    batch_sh = parallel.batch_sharding(mesh, rules)
-    replicated = parallel.replicated(mesh)
+    batch_sh, params_sh = parallel.batch_sharding(mesh, rules), parallel.state_shardings(
+        state.params, mesh, rules)
+    replicated = hyper_sh = parallel.replicated(mesh)
+    if population:
+        rescore = _over_members(rescore, (0, None, 0, 0, None), mesh)
+        params_sh, hyper_sh, batch_sh = parallel.stacked((params_sh, hyper_sh, batch_sh), mesh)
     return jax.jit(rescore, in_shardings=(
-        parallel.state_shardings(state.params, mesh, rules),
-        parallel.state_shardings(frozen, mesh, rules), replicated, batch_sh, replicated),
+        params_sh, parallel.state_shardings(frozen, mesh, rules), hyper_sh, batch_sh, replicated),
         out_shardings=batch_sh)
 
 
 def make_after_epoch(objective: Objective, mesh, *, state: TrainState,
-                     rules=parallel.DEFAULT_RULES):
-    """The objective's step after an epoch's updates, jitted with the state donated; None when
-    it has none."""
+                     rules=parallel.DEFAULT_RULES, population: bool = False):
+    """The objective's step after an epoch's updates, jitted with the state donated (each
+    member's with population=True); None when it has none."""
     if type(objective).after_epoch is Objective.after_epoch:
         return None
-    state_sh = parallel.state_shardings(state, mesh, rules)
-    return jax.jit(objective.after_epoch, in_shardings=(state_sh,), out_shardings=state_sh,
-                   donate_argnums=0)
+    state_sh, fn = parallel.state_shardings(state, mesh, rules), objective.after_epoch
+    if population:
+        state_sh, fn = parallel.stacked(state_sh, mesh), _over_members(fn, 0, mesh)
+    return jax.jit(fn, in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=0)

@@ -1,5 +1,5 @@
-"""tools/ablate.py on a 2-point grid of tiny runs (the brightness reward on a tiny random model),
-and its value parsing."""
+"""tools/ablate.py on a 2-point grid of tiny runs and on a population of settings x seeds (the
+brightness reward on a tiny random model), and its value parsing."""
 import json
 import signal
 import subprocess
@@ -28,7 +28,8 @@ def test_two_point_grid_runs_tables_and_plots(tmp_path):
                "--show", "train/clipfrac", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=train_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = json.loads((out / "ablate.json").read_text())["runs"]
+    results = json.loads((out / "ablate.json").read_text())
+    runs = results["runs"]
     assert [r["overrides"] for r in runs] == [{"sample.noise_level": 0.5}, {"sample.noise_level": 1.0}]
     for run in runs:
         # each run trained with its own value, the fixed ones, and all its epochs
@@ -41,13 +42,56 @@ def test_two_point_grid_runs_tables_and_plots(tmp_path):
         assert f"{run['summary']['final_reward']:.3f}" in result.stdout
         clipfrac = [h["train/clipfrac"] for h in run["history"] if "train/clipfrac" in h][-1]
         assert run["summary"]["shown"] == {"train/clipfrac": clipfrac}
-    table = result.stdout[result.stdout.index("sample.noise_level  first reward"):]
+    # one seed a setting: its values, no interval
+    assert [s["final_reward"]["n"] for s in results["settings"]] == [1, 1]
+    assert results["settings"][0]["final_reward"]["ci95"] is None
+    table = result.stdout[result.stdout.index("sample.noise_level  seeds  first reward"):]
     assert [line.split()[0] for line in table.splitlines()[1:3]] == ["0.5", "1.0"]
     assert table.splitlines()[0].split()[-1] == "train/clipfrac"
     assert Image.open(out / "ablate.png").size[0] > 0
 
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=train_env())
     assert again.returncode == 2 and "fresh --out" in again.stderr
+
+
+def test_a_population_of_settings_and_seeds_gives_intervals_over_seeds(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    out = tmp_path / "ablate"
+    result = run_ablate("--vmap", "train.learning_rate=1e-4,1e-3", "--seeds", "3",
+                        "--set", f"model.path={model}", "reward.rewards=brightness:1.0",
+                        "eval_every=1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "ablate.json").read_text())
+    assert list(results["seconds"]) == ["base"]  # one population, one program
+    assert [r["name"] for r in results["runs"]][:2] == ["base/learning_rate=0.0001_seed=0",
+                                                         "base/learning_rate=0.0001_seed=1"]
+    for setting in results["settings"]:
+        final = setting["final_reward"]
+        members = [r for r in results["runs"] if r["name"] in setting["runs"]]
+        values = [r["summary"]["final_reward"] for r in members]
+        assert final["n"] == 3 and final["values"] == pytest.approx(values)
+        assert final["mean"] == pytest.approx(np.mean(values))
+        assert final["std"] == pytest.approx(np.std(values, ddof=1))
+        assert final["ci95"] == pytest.approx(4.302653 * final["std"] / np.sqrt(3), rel=1e-5)
+        assert f"{final['mean']:.3f} ±{final['ci95']:.3f}" in result.stdout
+    data = json.loads((out / "ablate.data.json").read_text())
+    assert set(data["bands"]) == set(data["lines"]) and len(data["lines"]) == 2
+    assert "\r" not in result.stdout + result.stderr
+
+    # the toy benchmark evaluates every member as the demo does and compares the settings
+    compared = subprocess.run([sys.executable, "tools/toy_benchmark.py", "--ablation", f"lr={out}",
+                               "--out", str(tmp_path / "compare"), "--num_test_prompts", "6",
+                               "--images_per_prompt", "1"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env=train_env())
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    rows = json.loads((tmp_path / "compare" / "toy_benchmark.json").read_text())
+    assert [r["label"] for r in rows] == ["lr/learning_rate=0.0001", "lr/learning_rate=0.001"]
+    for row in rows:
+        overall = [m["held_out"]["overall"] for m in row["members"]]
+        assert len(overall) == 3 and row["stats"]["held_out"]["overall"]["mean"] == pytest.approx(
+            np.mean(overall))
+    for figure in ("held_out.png", "seen.png", "reward_curves.png"):
+        assert Image.open(tmp_path / "compare" / figure).size[0] > 0
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -78,5 +122,5 @@ def test_sigterm_stops_the_grid_after_saving(tmp_path):
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 1 and "grid stopped" in stderr
+    assert process.returncode == 1 and "ablation stopped" in stderr
     assert not (out / "beta=0.04").exists() and not (out / "ablate.json").exists()

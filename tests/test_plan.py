@@ -2,6 +2,7 @@
 and at full SD3.5-M depth on v5e:2x4 (slow)."""
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -27,14 +28,14 @@ class _Linear:
         return result
 
 
-def test_candidates_are_the_per_chip_sizes_that_divide_the_batch():
-    assert planner._candidates(576, 8) == [1, 2, 3, 4, 6, 8, 9, 12, 18, 24, 36, 72]
+def test_candidates_are_the_sizes_that_divide_the_batch_and_split_over_the_devices():
+    assert planner._candidates(576, 8) == [8 * n for n in (1, 2, 3, 4, 6, 8, 9, 12, 18, 24, 36, 72)]
     assert planner._candidates(12, 8) == []
 
 
 @pytest.mark.parametrize("start", [1, 4, 72])
 def test_search_finds_the_largest_fitting_size_in_few_compiles(start):
-    candidates = planner._candidates(576, 8)
+    candidates = [n // 8 for n in planner._candidates(576, 8)]  # per chip
     measure = _Linear()
     assert planner.largest_fitting(candidates, measure, start) == 9  # 2 + 1.5 * 9 = 15.5 GiB
     assert 9 in measure.calls and 12 in measure.calls  # both sides of the edge were compiled
@@ -133,3 +134,21 @@ def test_exact_ratios_over_several_updates_add_the_rescore_program():
     rescore, step = plan().programs
     assert rescore.name == "rescore" and rescore.fits and step.fits
     assert 0 < rescore.flops < step.flops / 2, (rescore.flops, step.flops)
+
+
+def test_a_lora_population_shares_the_base_and_compiles_for_a_tpu_without_collectives():
+    """Four seeds of the toy run with LoRA on a v5e:2x2 slice, one member a chip: each chip
+    holds the frozen base once and one member's LoRA state, and the population's rollout (the
+    TPU attention kernel vmapped over the members) moves nothing between chips."""
+    config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py"))
+    config.lora.enabled = True
+    devices = planner.tpu_devices("v5e:2x2")
+    quiet = dict(log=lambda *a, **k: None)
+    solo = planner.RunPlan(config, devices, **quiet)
+    config.population.seeds, config.mesh.population = 4, 4
+    population = planner.RunPlan(config, devices, **quiet)
+    assert population.weights == solo.weights  # one member's state a chip, the base shared
+    rollout = population.compile("rollout", 64, population.rollout(64), keep_hlo=True)
+    assert rollout.fits and "tpu_custom_call" in rollout.hlo
+    collectives = re.findall(r"(all-gather|all-reduce|all-to-all|collective-permute)", rollout.hlo)
+    assert collectives == []

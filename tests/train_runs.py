@@ -51,7 +51,8 @@ def run_train(workdir, model, *overrides, devices: int = 1, timeout: int = 300):
     assert result.returncode == 0, f"training failed:\n{result.stderr[-4000:]}"
     # a log file, not a terminal: one line per epoch with the time left, no progress bars
     assert "\r" not in result.stdout + result.stderr
-    assert re.search(r"epoch \d+: reward/total_mean=.* left=\d+:\d\d:\d\d", result.stdout)
+    assert re.search(r"epoch \d+( \(\d+ members: mean \[min, max\]\))?: reward/total_mean=.* "
+                     r"left=\d+:\d\d:\d\d", result.stdout)
     return result
 
 

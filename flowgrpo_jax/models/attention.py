@@ -16,7 +16,8 @@ The choice is made per target platform with `jax.lax.platform_dependent`, so a p
 compiled on a CPU host for a TPU (or run on a GPU) gets that platform's path, never the
 host's. Splash is a custom call the SPMD partitioner cannot split: under a mesh set with
 `jax.set_mesh`, it runs in a `shard_map` with the batch split over every mesh axis (the
-layout of the project's batches), so data parallelism moves no activations.
+layout of the project's batches; a population's member axis is the vmap's, outside it), so
+data parallelism moves no activations.
 """
 import concurrent.futures
 import functools
@@ -155,9 +156,11 @@ def _splash_local(q, k, v, *, interpret: bool):
 def _splash_attention(q, k, v, *, interpret: bool):
     mesh = jax.sharding.get_abstract_mesh()
     local = functools.partial(_splash_local, interpret=interpret)
-    if mesh.empty or q.shape[0] % mesh.size:
+    # a population's members are vmapped over their own axis, which the vmap adds to the specs
+    axes = tuple(a for a in mesh.axis_names if a != "population")
+    if mesh.empty or q.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return local(q, k, v)
-    batch = PartitionSpec(mesh.axis_names)
+    batch = PartitionSpec(axes)
     return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch,
                          check_vma=False)(q, k, v)
 
