@@ -97,11 +97,12 @@ def settings_of(runs: list[dict]) -> list[dict]:
 
 
 def _cell(stat, digits: int = 3, interval: bool = False) -> str:
+    """mean, or with `interval` "mean ±95% interval (sd std)" over seeds."""
     if stat is None:
         return "-"
     text = f"{stat['mean']:.{digits}f}"
     if interval and stat["ci95"] is not None:
-        text += f" ±{stat['ci95']:.{digits}f}"
+        text += f" ±{stat['ci95']:.{digits}f} (sd {stat['std']:.{digits}f})"
     return text
 
 
@@ -113,7 +114,8 @@ def _format(header: list, rows: list) -> str:
 
 
 def format_table(settings: list[dict]) -> str:
-    """One row per setting: its values, seeds, rewards (mean ±95% interval over seeds), times."""
+    """One row per setting: its values, seeds, rewards (mean ±95% interval and sd over seeds),
+    times."""
     keys, shown = list(settings[0]["overrides"]), list(settings[0]["shown"])
     header = [*keys, "seeds", "first reward", "final reward", "eval reward", "epoch s",
               "rollout s", *shown]
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
     print(format_table(settings))
     categories = format_categories(settings)
     if categories:
-        print(f"\nlast eval per category (mean ±95% interval over seeds):\n{categories}")
+        print(f"\nlast eval per category (mean ±95% interval over seeds, their sd):\n{categories}")
     with open(os.path.join(args.out, "ablate.json"), "w") as f:
         json.dump({"config": args.config, "fixed": fixed, "vmap": args.vmap, "seeds": args.seeds,
                    "seconds": seconds, "settings": settings, "runs": runs}, f, indent=1)
