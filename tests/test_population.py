@@ -177,3 +177,33 @@ def test_wandb_logs_one_run_per_member_in_the_population_group(toy_model, tmp_pa
         assert len(runs) == 1, runs
         record = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
         assert b"lr_sweep" in record and name.encode() in record  # its group and its name
+
+
+def test_an_inactive_member_keeps_its_state_through_the_population_step():
+    """A member whose epoch has nothing to learn (or that stopped) passes the update unchanged."""
+    from flowgrpo_jax import parallel, update
+
+    def step(state, frozen, reference, batch, uncond, key):
+        return jax.tree.map(lambda x: x + batch["x"].sum(), state), {"loss": batch["x"].sum()}
+
+    population_step = update._population_step(step, parallel.make_mesh(devices=jax.devices()[:1]))
+    state = {"params": np.zeros((3, 2), np.float32)}
+    batch = {"x": np.ones((3, 4), np.float32)}
+    keys = jax.random.split(jax.random.key(0), 3)
+    new, metrics = population_step(state, None, None, batch, None, keys,
+                                   np.array([True, False, True]))
+    np.testing.assert_array_equal(new["params"], [[4, 4], [0, 0], [4, 4]])
+    np.testing.assert_array_equal(metrics["loss"], [4, 4, 4])
+
+
+def test_a_diverging_member_stops_alone(toy_model, tmp_path):
+    """A rate of 1e6 makes one member's updates non-finite: it stops with one warning line and
+    keeps its last finite checkpoint; the other member trains to the end."""
+    result = run_train(tmp_path, toy_model, "--config.population.vmap=train.learning_rate=3e-4,1e6",
+                       "--config.num_epochs=5", "--config.train.max_nonfinite_updates=2")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: member")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: member learning_rate=1000000.0 stopped in epoch "), result.stderr[-2000:]
+    assert checkpoint_steps(tmp_path / "learning_rate=0.0003")[-1] == 5
+    stopped = checkpoint_steps(tmp_path / "learning_rate=1000000.0")[-1]
+    assert stopped < 5 and f"(checkpoint {stopped} is the newest)" in warnings[0]
