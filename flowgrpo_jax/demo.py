@@ -148,7 +148,8 @@ def run(config, workdir: str, *, seen_prompts: str = SEEN_PROMPTS, images_per_pr
     base = _evaluate_sets(config, base_model, prompt_sets, "base", **evaluation)
     times["eval_base_s"] = time.perf_counter() - t
 
-    print(f"-- training: {config.num_epochs} epochs of {config.sample.groups_per_epoch} prompts x "
+    print(f"-- training with objective {config.train.objective!r} (train.objective): "
+          f"{config.num_epochs} epochs of {config.sample.groups_per_epoch} prompts x "
           f"{config.sample.group_size} images", flush=True)
     t = time.perf_counter()
     history = train(config, workdir)

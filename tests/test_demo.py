@@ -30,6 +30,7 @@ def test_demo_writes_table_figures_and_results(tmp_path):
     out = tmp_path / "demo"
     results = json.loads((out / "results.json").read_text())
     assert set(PROMPT_SETS) <= set(results)
+    assert "-- training with objective 'grpo' (train.objective): 2 epochs" in result.stdout
     printed = result.stdout.split(PROMPT_SETS["seen"][0])
     assert len(printed) == 2 and PROMPT_SETS["held_out"][0] in printed[0]
     for name, table_text in zip(("held_out", "seen"), printed):
