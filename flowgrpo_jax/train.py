@@ -470,8 +470,9 @@ class Trainer:
                 if active[i]:
                     all_metrics[i].update(self._update_metrics(m, updates))
                     all_metrics[i]["time/rescore_s"] = rescore_seconds
-                    if self._count_nonfinite(m, updates):
-                        diverged.append((m, updates[-1]))
+                    reached = self._count_nonfinite(m, updates)
+                    if reached is not None:
+                        diverged.append((m, reached))
         if self.programs.after_epoch is not None:
             self.state = self.programs.after_epoch(self.state)
         for metrics, is_active in zip(all_metrics, active):
@@ -569,13 +570,14 @@ class Trainer:
                   f"rollout's log-probs disagree with the update's; train.exact_ratio=True makes "
                   f"the ratios exact", file=sys.stderr, flush=True)
 
-    def _count_nonfinite(self, member: MemberRun, updates) -> bool:
-        """Counts a member's skipped updates in a row, across epochs; whether the count reached
-        train.max_nonfinite_updates."""
-        reached = False
+    def _count_nonfinite(self, member: MemberRun, updates) -> dict | None:
+        """Counts a member's skipped updates in a row, across epochs; the last skipped update's
+        metrics once the count reaches train.max_nonfinite_updates, else None."""
+        reached = None
         for u in updates:
             member.nonfinite_streak = member.nonfinite_streak + 1 if u["skipped_nonfinite"] else 0
-            reached |= member.nonfinite_streak >= self.config.train.max_nonfinite_updates
+            if member.nonfinite_streak >= self.config.train.max_nonfinite_updates:
+                reached = u
         return reached
 
     # ---- evaluation -----------------------------------------------------------------------------
