@@ -78,14 +78,14 @@ def evaluate_row(row: dict, sets: dict, base_cache: dict, **evaluation) -> dict:
 
 
 def table(results: list[dict], name: str) -> str:
+    """A row per ablation setting, a column per category: mean ±std over seeds (change)."""
     tags = list(results[0]["stats"][name])
-    lines = [f"{'':24s} " + " ".join(f"{t:>17s}" for t in tags)]
-    for r in results:
-        cells = [f"{r['stats'][name][t]['mean']:.3f} ±{r['stats'][name][t]['std']:.3f} "
-                 f"({r['stats'][name][t]['mean'] - r['base'][name][t]:+.3f})"[:17].rjust(17)
-                 for t in tags]
-        lines.append(f"{r['label'][:24]:24s} " + " ".join(cells))
-    return "\n".join(lines)
+    cell = lambda r, t: (f"{r['stats'][name][t]['mean']:.3f} ±{r['stats'][name][t]['std']:.3f} "
+                         f"({r['stats'][name][t]['mean'] - r['base'][name][t]:+.3f})")
+    rows = [[r["label"]] + [cell(r, t) for t in tags] for r in results]
+    header = ["", *tags]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *rows])
 
 
 def figures(results: list[dict], out: str) -> None:
