@@ -7,10 +7,12 @@ what follows an epoch's updates. The shared update (`flowgrpo_jax/update.py`) sc
 of every micro batch, averages the gradients and applies them; the trainer and the planner
 call an objective only through this class.
 
-Likelihood objectives (GRPO and GRPO-Guard) also say which per-step records their log-ratio
-compares (`ratio_records`) and how (`log_ratio`), which the exact ratios of
+Likelihood objectives (GRPO and GRPO-Guard, subclasses of `LikelihoodObjective`) also say
+which per-step records their log-ratio compares (`ratio_records`), how to score them
+(`step_records`) and how two scorings compare (`log_ratio`), which the exact ratios of
 `train.exact_ratio` use to rescore an epoch's samples.
 """
+import abc
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -36,8 +38,9 @@ class Inputs(NamedTuple):
                                uncond_text=self.uncond)
 
 
-class Objective:
-    """An objective's defaults; each module of this package subclasses it as OBJECTIVE."""
+class Objective(abc.ABC):
+    """An objective's defaults; each module of this package subclasses it (or
+    LikelihoodObjective) as OBJECTIVE."""
 
     name = ""
     # Per-sample arrays of the rollout the update reads (sampling.rollout.Rollout fields).
@@ -73,22 +76,25 @@ class Objective:
         """The trainable params the rollout samples with."""
         return params
 
+    @abc.abstractmethod
     def term_loss(self, params, inputs: Inputs, micro: dict, j, key) -> tuple:
         """(loss, stats) of term j (traced) of a micro batch; `key` is this term's PRNG key.
         Stats named *_min / *_max are extremes, the others means."""
-        raise NotImplementedError
 
     def after_epoch(self, state):
         """The train state after an epoch's updates (NFT moves its old policy); None: as is."""
         return None
 
-    # ---- likelihood objectives --------------------------------------------------------------
 
+class LikelihoodObjective(Objective):
+    """An objective on the rollout's step likelihoods (GRPO, GRPO-Guard): what the exact ratios
+    rescore, and how two scorings become a log-ratio."""
+
+    @abc.abstractmethod
     def step_records(self, params, inputs: Inputs, micro: dict, j) -> dict:
         """The ratio_records of term j scored at `params`, and the step's noise_std."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def log_ratio(self, new: dict, old: dict):
         """log(pi_new / pi_old) of each transition from two step_records dicts (leading dims
         alike: (B,) or (B, n))."""
-        raise NotImplementedError

@@ -20,7 +20,7 @@ differences after it) with the gradient of the update's own log-prob (`with_grad
 import jax
 import jax.numpy as jnp
 
-from flowgrpo_jax.objectives.base import Inputs, Objective
+from flowgrpo_jax.objectives.base import Inputs, LikelihoodObjective
 from flowgrpo_jax.sampling.rollout import score_step
 
 
@@ -74,7 +74,7 @@ with_gradient_of.defvjp(lambda value, source: (value, None),
                         lambda _, cotangent: (jnp.zeros_like(cotangent), cotangent))
 
 
-class GRPO(Objective):
+class GRPO(LikelihoodObjective):
     name = "grpo"
     # step j goes trajectory[:, j] -> trajectory[:, j + 1]: each latent stored once
     records = ("trajectory", "log_probs", "sigmas", "next_sigmas")
