@@ -72,3 +72,16 @@ def test_a_second_update_departs_from_one_by_about_the_float32_change(tiny_sd3_f
         second[dtype] = 2 * metrics["train/approx_kl"]
     assert second["float32"] > 1e-8  # the parameters moved
     assert second["float32"] / 3 < second["bfloat16"] < 3 * second["float32"], second
+
+
+def test_each_member_of_a_bf16_population_has_ratio_one(tiny_sd3_folder, tmp_path):
+    """Two seeds of the tiny SD3 run as one population (each its own LoRA draw), two updates
+    an epoch so the vmapped rescore runs too: every member's on-policy update is at ratio 1."""
+    config = _sd3(tiny_sd3_folder, "bfloat16", updates=2)
+    config.population.seeds = 2
+    config.num_epochs, config.eval_every = 1, 0
+    histories = train(config, str(tmp_path))
+    assert sorted(histories) == ["seed=0", "seed=1"]
+    for history in histories.values():
+        (metrics,) = [m for m in history if "train/loss" in m]
+        assert _on_policy(metrics) == (1.0, 1.0, 0.0, 0.0)

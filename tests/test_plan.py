@@ -152,3 +152,18 @@ def test_a_lora_population_shares_the_base_and_compiles_for_a_tpu_without_collec
     assert rollout.fits and "tpu_custom_call" in rollout.hlo
     collectives = re.findall(r"(all-gather|all-reduce|all-to-all|collective-permute)", rollout.hlo)
     assert collectives == []
+
+
+def test_the_planner_compiles_every_program_of_a_population_run():
+    """A population of two seeds on this host, two updates an epoch: encode, rollout, decode,
+    the vmapped rescore, the train step and the eval programs all compile, as the trainer runs
+    them."""
+    import jax
+
+    config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py:tiny"))
+    config.population.seeds, config.train.updates_per_epoch = 2, 2
+    result = planner.plan(config, jax.devices()[:1], "cpu", search=False, log=lambda *a, **k: None)
+    assert [p.name for p in result.programs] == list(planner.PROGRAMS)
+    assert result.fits and result.members == 2
+    step = next(p for p in result.programs if p.name == "train step")
+    assert step.per_chip == 2 * config.train.micro_batch_size
