@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flowgrpo_jax import parallel, population
+from flowgrpo_jax import parallel
 from flowgrpo_jax.lora import disabled
 from flowgrpo_jax.objectives.base import Inputs, Objective
+from flowgrpo_jax.population import stack as stack_members
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +131,7 @@ def create_population_state(params: list, optimizer, mesh, hypers: list, objecti
         return init_train_state(params, optimizer, hyper, objective.init_extra(params))
 
     member = parallel.state_shardings(jax.eval_shape(init, params[0], hypers[0]), mesh, rules)
-    stack = lambda params: population.stack([init(p, h) for p, h in zip(params, hypers)])
+    stack = lambda params: stack_members([init(p, h) for p, h in zip(params, hypers)])
     return jax.jit(stack, out_shardings=parallel.stacked(member, mesh))(params)
 
 

@@ -61,8 +61,8 @@ def summarize(history: list[dict], last: int, show=()) -> dict:
 
 
 def spread(values: list) -> dict | None:
-    """Mean, standard deviation and the 95% interval's half-width (Student's t) of seeds'
-    values; None when there are none, std and interval None for one."""
+    """Mean, standard deviation, the 95% interval's half-width (Student's t), min and max of
+    seeds' values; None when there are none, std and interval None for one."""
     values = [v for v in values if v is not None]
     if not values:
         return None
@@ -70,6 +70,7 @@ def spread(values: list) -> dict | None:
     std = float(np.std(values, ddof=1)) if n > 1 else None
     half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else None
     return {"mean": float(np.mean(values)), "std": std, "ci95": half, "n": n,
+            "min": float(np.min(values)), "max": float(np.max(values)),
             "values": [float(v) for v in values]}
 
 
@@ -139,21 +140,27 @@ def format_categories(settings: list[dict]) -> str | None:
     return _format([*keys, *categories], rows)
 
 
-def curves(runs: list[dict], settings: list[dict]) -> plot.Chart:
-    """Each setting's reward mean per epoch, averaged over its seeds, their range shaded."""
-    by_name = {r["name"]: r for r in runs}
+def seed_curves(groups: dict, title: str) -> plot.Chart:
+    """{label: its seeds' histories} -> each label's reward mean per epoch averaged over its
+    seeds, their range shaded."""
     lines, bands = {}, {}
-    for s in settings:
-        per_seed = [[h["reward/total_mean"] for h in by_name[n]["history"] if "reward/total_mean" in h]
-                    for n in s["runs"]]
+    for label, histories in groups.items():
+        per_seed = [[h["reward/total_mean"] for h in history if "reward/total_mean" in h]
+                    for history in histories]
         epochs = min(map(len, per_seed))
         values = np.array([p[:epochs] for p in per_seed])
-        label = f"{s['name']} ({len(per_seed)} seeds)" if len(per_seed) > 1 else s["name"]
-        lines[label] = (np.arange(epochs), values.mean(axis=0))
         if len(per_seed) > 1:
+            label = f"{label} ({len(per_seed)} seeds)"
             bands[label] = (values.min(axis=0), values.max(axis=0))
-    return plot.line_chart(lines, bands=bands, title="reward mean per epoch (mean over seeds, "
-                           "their range shaded)", xlabel="epoch", ylabel="reward")
+        lines[label] = (np.arange(epochs), values.mean(axis=0))
+    return plot.line_chart(lines, bands=bands, title=title, xlabel="epoch", ylabel="reward")
+
+
+def curves(runs: list[dict], settings: list[dict]) -> plot.Chart:
+    """Each setting's reward mean per epoch, averaged over its seeds, their range shaded."""
+    by_name = {r["name"]: r["history"] for r in runs}
+    return seed_curves({s["name"]: [by_name[n] for n in s["runs"]] for s in settings},
+                       "reward mean per epoch (mean over seeds, their range shaded)")
 
 
 def parse_args(argv):

@@ -20,13 +20,14 @@ import json
 import os
 import sys
 
-import numpy as np
 from absl import logging
 
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import demo, plot
 from flowgrpo_jax import evaluate as ev
 from flowgrpo_jax.prompts import load_prompts
+
+from ablate import seed_curves, spread  # tools/, beside this script
 
 PROMPT_SETS = {"held_out": "held-out test prompts", "seen": "prompts seen in training"}
 
@@ -41,11 +42,6 @@ def strict(summary: dict) -> dict:
     """{category: strict accuracy, ..., "overall": ...} of an evaluation summary."""
     return {**{tag: row["strict"] for tag, row in summary["per_tag"].items()},
             "overall": summary["strict"]}
-
-
-def spread(values: list) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
-            else 0.0, "min": float(np.min(values)), "max": float(np.max(values)), "n": len(values)}
 
 
 def rows_of(label: str, folder: str) -> list[dict]:
@@ -80,7 +76,7 @@ def evaluate_row(row: dict, sets: dict, base_cache: dict, **evaluation) -> dict:
 def table(results: list[dict], name: str) -> str:
     """A row per ablation setting, a column per category: mean ±std over seeds (change)."""
     tags = list(results[0]["stats"][name])
-    cell = lambda r, t: (f"{r['stats'][name][t]['mean']:.3f} ±{r['stats'][name][t]['std']:.3f} "
+    cell = lambda r, t: (f"{r['stats'][name][t]['mean']:.3f} ±{r['stats'][name][t]['std'] or 0.0:.3f} "
                          f"({r['stats'][name][t]['mean'] - r['base'][name][t]:+.3f})")
     rows = [[r["label"]] + [cell(r, t) for t in tags] for r in results]
     header = ["", *tags]
@@ -96,21 +92,12 @@ def figures(results: list[dict], out: str) -> None:
             base_label = f"base (CFG {r['guidance_scale']:g})"
             series.setdefault(base_label, [r["base"][name][t] for t in tags])
             series[r["label"]] = [r["stats"][name][t]["mean"] for t in tags]
-            errors[r["label"]] = [r["stats"][name][t]["std"] for t in tags]
+            errors[r["label"]] = [r["stats"][name][t]["std"] or 0.0 for t in tags]
         plot.bar_chart(tags, series, errors=errors, ylim=(0, 1.05), ylabel="strict accuracy",
                        title=f"strict accuracy per category, {title} (mean and std over seeds)"
                        ).save(os.path.join(out, f"{name}.png"))
-    lines, bands = {}, {}
-    for r in results:
-        curves = [[h["reward/total_mean"] for h in history if "reward/total_mean" in h]
-                  for history in r["histories"]]
-        epochs = min(map(len, curves))
-        values = np.array([c[:epochs] for c in curves])
-        label = f"{r['label']} ({len(curves)} seeds)"
-        lines[label] = (np.arange(epochs), values.mean(axis=0))
-        bands[label] = (values.min(axis=0), values.max(axis=0))
-    plot.line_chart(lines, bands=bands, title="train reward per epoch (mean over seeds, range "
-                    "shaded)", xlabel="epoch", ylabel="reward").save(os.path.join(out, "reward_curves.png"))
+    seed_curves({r["label"]: r["histories"] for r in results}, "train reward per epoch (mean "
+                "over seeds, range shaded)").save(os.path.join(out, "reward_curves.png"))
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
 
+from flowgrpo_jax.parallel import POPULATION
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # Logits per loop step of the CPU path: 1 MiB of float32, so a step's logits and exponentials stay
 # in a core's L2 cache between the two matmuls instead of going through memory.
@@ -157,7 +159,7 @@ def _splash_attention(q, k, v, *, interpret: bool):
     mesh = jax.sharding.get_abstract_mesh()
     local = functools.partial(_splash_local, interpret=interpret)
     # a population's members are vmapped over their own axis, which the vmap adds to the specs
-    axes = tuple(a for a in mesh.axis_names if a != "population")
+    axes = tuple(a for a in mesh.axis_names if a != POPULATION)
     if mesh.empty or q.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return local(q, k, v)
     batch = PartitionSpec(axes)
