@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowgrpo_jax.models import layer_stack
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS, attention
 
 _ACTIVATIONS = {
@@ -38,6 +39,7 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
     attention_impl: str = "auto"
+    scan_layers: bool = True  # layers as a scan over stacked params (models/layer_stack.py)
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -50,11 +52,12 @@ class CLIPTextConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {IMPLEMENTATIONS}")
 
     @classmethod
-    def from_transformers(cls, config: Mapping, *, attention_impl: str = "auto") -> "CLIPTextConfig":
+    def from_transformers(cls, config: Mapping, *, attention_impl: str = "auto",
+                          scan_layers: bool = True) -> "CLIPTextConfig":
         """Reads a transformers CLIPTextConfig config.json dict (other keys are bookkeeping)."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl", "scan_layers"}
         return cls(**{k: v for k, v in config.items() if k in fields},
-                   attention_impl=attention_impl)
+                   attention_impl=attention_impl, scan_layers=scan_layers)
 
 
 class CLIPTextOutput(NamedTuple):
@@ -142,14 +145,16 @@ class CLIPTextModelWithProjection(nnx.Module):
             raise ValueError(f"CLIP input_ids must be (batch, length <= "
                              f"{self.config.max_position_embeddings}), got shape {input_ids.shape}")
         length = input_ids.shape[1]
-        x = self.token_embedding(input_ids) + self.position_embedding(jnp.arange(length))
+        x = x0 = self.token_embedding(input_ids) + self.position_embedding(jnp.arange(length))
         causal = jnp.tril(jnp.ones((length, length), bool))
         bias = jnp.where(causal, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)[None, None]
 
-        hidden_states = [x]
-        for layer in self.layers:
+        def step(layer, x):
             x = layer(x, bias)
-            hidden_states.append(x)
+            return x, x
+
+        x, outputs = layer_stack.apply_layers(self.layers, x, step, scan=self.config.scan_layers)
+        hidden_states = [x0, *outputs]
         last = self.final_layer_norm(x)
 
         if self.config.eos_token_id == _LEGACY_EOS_TOKEN_ID:

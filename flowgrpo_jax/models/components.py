@@ -44,17 +44,17 @@ class Component:
 COMPONENTS = (
     Component("transformer", ("SD3Transformer2DModel",), "flowgrpo_jax.models.mmdit:MMDiT",
               "flowgrpo_jax.models.mmdit:MMDiTConfig.from_diffusers",
-              "flowgrpo_jax.models.mmdit_table:RULES", ("remat", "attention_impl")),
+              "flowgrpo_jax.models.mmdit_table:RULES", ("remat", "attention_impl", "scan_layers")),
     Component("vae", ("AutoencoderKL",), "flowgrpo_jax.models.vae:AutoencoderKL",
               "flowgrpo_jax.models.vae:VAEConfig.from_diffusers",
               "flowgrpo_jax.models.vae_table:RULES"),
     Component("clip_text", ("CLIPTextModelWithProjection",),
               "flowgrpo_jax.models.clip_text:CLIPTextModelWithProjection",
               "flowgrpo_jax.models.clip_text:CLIPTextConfig.from_transformers",
-              "flowgrpo_jax.models.clip_table:RULES", ("attention_impl",)),
+              "flowgrpo_jax.models.clip_table:RULES", ("attention_impl", "scan_layers")),
     Component("t5_encoder", ("T5EncoderModel",), "flowgrpo_jax.models.t5:T5EncoderModel",
               "flowgrpo_jax.models.t5:T5Config.from_transformers",
-              "flowgrpo_jax.models.t5_table:RULES", ("attention_impl",)),
+              "flowgrpo_jax.models.t5_table:RULES", ("attention_impl", "scan_layers")),
 )
 
 
@@ -93,7 +93,7 @@ def load_component(path: str, kind: str, subfolder: str, dtype=jnp.float32, comp
 
     `shardings`: None (first local device), a pytree like nnx.state(model, nnx.Param) of
     jax.sharding.Sharding, or a callable from the abstract param state to one (see load_params).
-    `options`: run-time settings ({"remat": ..., "attention_impl": ...}); each component takes
+    `options`: run-time settings ({"remat": ..., "attention_impl": ..., "scan_layers": ...}); each component takes
     those its config knows.
     """
     folder = resolve_component_dir(path, subfolder)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowgrpo_jax import remat
+from flowgrpo_jax.models import layer_stack
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS, attention
 
 TIMESTEP_CHANNELS = 256
@@ -46,6 +47,7 @@ class MMDiTConfig:
     qk_norm: str | None = None
     remat: str = "none"  # per-block policy for the backward pass (flowgrpo_jax/remat.py)
     attention_impl: str = "auto"
+    scan_layers: bool = True  # blocks as scans over stacked params (models/layer_stack.py)
 
     def __post_init__(self):
         object.__setattr__(self, "dual_attention_layers", tuple(self.dual_attention_layers))
@@ -67,8 +69,8 @@ class MMDiTConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @classmethod
-    def from_diffusers(cls, config: Mapping, *, remat: str = "none",
-                       attention_impl: str = "auto") -> "MMDiTConfig":
+    def from_diffusers(cls, config: Mapping, *, remat: str = "none", attention_impl: str = "auto",
+                       scan_layers: bool = True) -> "MMDiTConfig":
         """Reads a diffusers `SD3Transformer2DModel` config.json dict.
 
         Bookkeeping keys (`_class_name`, `_diffusers_version`, ...) are ignored; an unknown
@@ -77,7 +79,7 @@ class MMDiTConfig:
         class_name = config.get("_class_name", DIFFUSERS_CLASS)
         if class_name != DIFFUSERS_CLASS:
             raise ValueError(f"config is for {class_name!r}, not {DIFFUSERS_CLASS!r}")
-        keys = {f.name for f in dataclasses.fields(cls)} - {"remat", "attention_impl"}
+        keys = {f.name for f in dataclasses.fields(cls)} - {"remat", "attention_impl", "scan_layers"}
         unknown = sorted(k for k in config if k not in keys and not k.startswith("_"))
         if unknown:
             raise ValueError(f"unknown keys in the {DIFFUSERS_CLASS} config: {unknown}")
@@ -87,7 +89,7 @@ class MMDiTConfig:
         missing = sorted(keys - values.keys())
         if missing:
             raise ValueError(f"the {DIFFUSERS_CLASS} config lacks required keys {missing}")
-        return cls(**values, remat=remat, attention_impl=attention_impl)
+        return cls(**values, remat=remat, attention_impl=attention_impl, scan_layers=scan_layers)
 
 
 class Buffer(nnx.Param):
@@ -333,17 +335,6 @@ class JointTransformerBlock(nnx.Module):
         return x, context + c_gate_mlp[:, None] * self.ff_context(ff_in)
 
 
-def _run_block(block: JointTransformerBlock, x, context, temb, policy: str):
-    """One block under the remat policy, as a pure function of the block's state: blocks mutate
-    nothing, and unlike nnx.remat this also works when the parameters are closed over rather
-    than traced."""
-    if policy == "none":
-        return block(x, context, temb)
-    graphdef, state = nnx.split(block)
-    run = remat.rematerialised(lambda s, *args: nnx.merge(graphdef, s)(*args), policy)
-    return run(state, x, context, temb)
-
-
 def _unpatchify(tokens: jax.Array, height: int, width: int, patch: int) -> jax.Array:
     """(B, N, p*p*C) patch tokens -> (B, H, W, C), the NHWC form of diffusers' unpatchify."""
     batch, gh, gw = tokens.shape[0], height // patch, width // patch
@@ -385,8 +376,10 @@ class MMDiT(nnx.Module):
         hidden = self.pos_embed(x)
         temb = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        for block in self.transformer_blocks:
-            hidden, context = _run_block(block, hidden, context, temb, config.remat)
+        (hidden, _), _ = layer_stack.apply_layers(
+            self.transformer_blocks, (hidden, context),
+            lambda block, carry: (block(*carry, temb), None),
+            scan=config.scan_layers, policy=config.remat)
         scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: scale first
         hidden = self.proj_out(_modulate(_layer_norm(hidden), shift, scale, self.dtype))
         return _unpatchify(hidden, x.shape[1], x.shape[2], config.patch_size)

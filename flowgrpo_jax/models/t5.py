@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowgrpo_jax.models import layer_stack
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS, attention
 
 _ACTIVATIONS = {
@@ -39,6 +40,7 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
     attention_impl: str = "auto"
+    scan_layers: bool = True  # blocks as a scan over stacked params (models/layer_stack.py)
 
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")
@@ -61,11 +63,12 @@ class T5Config:
         return self.feed_forward_proj.split("-")[-1]
 
     @classmethod
-    def from_transformers(cls, config: Mapping, *, attention_impl: str = "auto") -> "T5Config":
+    def from_transformers(cls, config: Mapping, *, attention_impl: str = "auto",
+                          scan_layers: bool = True) -> "T5Config":
         """Reads a transformers T5Config config.json dict (other keys are bookkeeping)."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl", "scan_layers"}
         return cls(**{k: v for k, v in config.items() if k in fields},
-                   attention_impl=attention_impl)
+                   attention_impl=attention_impl, scan_layers=scan_layers)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -181,7 +184,7 @@ class T5EncoderModel(nnx.Module):
                                             cfg.relative_attention_max_distance)
         # (length, length, heads) -> (1, heads, length, length), shared by every layer.
         position_bias = self.relative_attention_bias(jnp.asarray(buckets)).transpose(2, 0, 1)[None]
-        x = self.shared(input_ids)
-        for block in self.blocks:
-            x = block(x, position_bias)
+        x, _ = layer_stack.apply_layers(self.blocks, self.shared(input_ids),
+                                        lambda block, x: (block(x, position_bias), None),
+                                        scan=cfg.scan_layers)
         return self.final_layer_norm(x)

@@ -35,19 +35,24 @@ def _check(model_config) -> None:
     if impl not in attention.IMPLEMENTATIONS:
         raise ConfigError(f"config.model.attention={impl!r}: must be one of "
                           f"{attention.IMPLEMENTATIONS}")
+    if not isinstance(model_config.get("scan_layers", True), bool):
+        raise ConfigError(f"config.model.scan_layers={model_config.scan_layers!r}: must be "
+                          f"True or False")
 
 
 def build(model_config, *, remat: str = "none", place=None, abstract: bool = False) -> Generator:
     """The pipeline in `model_config.path` as a Generator (see generator.Family.build).
 
     model_config: `path` (a converted pipeline folder), optional `dtype` ("bfloat16", or
-    "float32"), `resolution` (512 px, square), `max_sequence_length` (T5 tokens, 128) and
-    `attention` (models/attention.py, "auto"). Abstract without a folder at `path`: SD3.5
-    Medium's shapes.
+    "float32"), `resolution` (512 px, square), `max_sequence_length` (T5 tokens, 128),
+    `attention` (models/attention.py, "auto") and `scan_layers` (the transformer's blocks and
+    the text encoders' layers as scans over stacked params, models/layer_stack.py; True).
+    Abstract without a folder at `path`: SD3.5 Medium's shapes.
     """
     _check(model_config)
     dtype = DTYPES[model_config.get("dtype", "bfloat16")]
-    options = {"remat": remat, "attention_impl": model_config.get("attention", "auto")}
+    options = {"remat": remat, "attention_impl": model_config.get("attention", "auto"),
+               "scan_layers": model_config.get("scan_layers", True)}
     if abstract:
         folder = model_config.path if os.path.isdir(model_config.path) else None
         pipeline = abstract_pipeline(folder, dtype=dtype, options=options)

@@ -14,7 +14,7 @@ def sd35m(path: str = "sd35m-flax") -> ml_collections.ConfigDict:
     platform (models/attention.py)."""
     return ml_collections.ConfigDict({
         "family": "sd3", "path": path, "resolution": 512, "dtype": "bfloat16",
-        "max_sequence_length": 128, "attention": "auto"})
+        "max_sequence_length": 128, "attention": "auto", "scan_layers": True})
 
 
 def reference_protocol(config) -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def tiny(config, rewards: str) -> ml_collections.ConfigDict:
     config = config_lib.tiny(config)
     config.model = ml_collections.ConfigDict({
         "family": "sd3", "path": "", "resolution": 32, "dtype": "float32",
-        "max_sequence_length": 16, "attention": "auto"})
+        "max_sequence_length": 16, "attention": "auto", "scan_layers": True})
     config.prompts.format = "text"
     config.prompts.train_file = config.prompts.test_file = TINY_PROMPTS
     config.reward.rewards = rewards
