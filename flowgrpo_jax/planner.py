@@ -100,7 +100,9 @@ class Compiled:
     outputs: int = 0  # not aliased to a donated argument
     resident_other: int = 0  # what the run keeps on the chip beside this program's arguments
     flops: float = 0.0  # hardware FLOPs of one call (hlo_cost.Cost.hardware_flops)
-    model_flops: float = 0.0  # the same without the rematerialisation's recompute
+    kernel_flops: float = 0.0  # of them, the custom kernels' (the TPU attention)
+    model_flops: float = 0.0  # the hardware FLOPs without the rematerialisation's recompute
+    xla_flops: float = 0.0  # XLA's cost_analysis(): each loop body once, no custom kernel
     bytes: float = 0.0  # memory traffic of one call
     unknown_kernels: tuple = ()  # custom calls whose FLOPs are not counted
     roofline_seconds: float = 0.0  # of one call on the chip (0: a chip without known peaks)
@@ -276,7 +278,9 @@ class RunPlan:
                 temporaries=m.temp_size_in_bytes,
                 outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
                 resident_other=max(resident - kept, 0), flops=cost.hardware_flops,
-                model_flops=cost.model_flops, bytes=cost.bytes,
+                kernel_flops=cost.kernel_flops, model_flops=cost.model_flops,
+                xla_flops=float((compiled.cost_analysis() or {}).get("flops", 0.0)),
+                bytes=cost.bytes,
                 unknown_kernels=cost.unknown_kernels,
                 seconds=time.perf_counter() - started, hlo=hlo if keep_hlo else "",
                 memory=self.memory)
@@ -353,9 +357,9 @@ class Epoch:
     images: int  # sampled and trained on, all members'
     calls: dict  # program name -> calls an epoch
     seconds: float  # at the roofline, of the planned programs among `calls`
-    images_per_second_per_chip: float
-    mfu: float  # the epoch's model FLOPs over seconds x the chips' peak
     missing: list  # programs of the epoch that were not planned (their time is not counted)
+    images_per_second_per_chip: float | None  # None unless every program was planned
+    mfu: float | None  # the epoch's model FLOPs over seconds x the chip's peak; the same
 
 
 @dataclasses.dataclass
@@ -389,7 +393,7 @@ def calls_per_epoch(config, objective) -> dict:
 def epoch_roofline(programs: list, calls: dict, images: int, devices: int,
                    chip: roofline.Chip) -> Epoch | None:
     """The epoch at its programs' roofline times (each program's first, as planned), or None
-    when none of its programs was planned."""
+    when none of its programs was planned; images/s and MFU only when all of them were."""
     planned = {}
     for p in programs:
         if p.name in calls and p.name not in planned and not p.error:
@@ -398,9 +402,11 @@ def epoch_roofline(programs: list, calls: dict, images: int, devices: int,
         return None
     seconds = sum(calls[name] * p.roofline_seconds for name, p in planned.items())
     model_flops = sum(calls[name] * p.model_flops for name, p in planned.items())
-    return Epoch(images, calls, seconds, images / seconds / devices,
-                 roofline.utilisation(model_flops, seconds, chip),
-                 [name for name in calls if name not in planned])
+    missing = [name for name in calls if name not in planned]
+    if missing:
+        return Epoch(images, calls, seconds, missing, None, None)
+    return Epoch(images, calls, seconds, missing, images / seconds / devices,
+                 roofline.utilisation(model_flops, seconds, chip))
 
 
 # The programs of a run, in the order a run compiles them ("rescore" only with exact ratios
@@ -496,11 +502,15 @@ def _roofline_lines(result: Plan) -> list[str]:
     epoch = result.epoch
     if epoch is not None:
         calls = ", ".join(f"{n} x {name}" for name, n in epoch.calls.items())
-        lines.append(f"an epoch ({epoch.images} images: {calls}; evaluation not included): "
-                     f"{epoch.seconds:.1f} s at the roofline, {epoch.images_per_second_per_chip:.3g} "
-                     f"images/s a chip, MFU {epoch.mfu:.0%}")
+        about = f"an epoch ({epoch.images} images: {calls}; evaluation not included)"
         if epoch.missing:
-            lines.append(f"  not planned, so not in the epoch's time: {', '.join(epoch.missing)}")
+            lines.append(f"{about}: its planned programs take {epoch.seconds:.1f} s at the "
+                         f"roofline; not planned: {', '.join(epoch.missing)} (plan them for "
+                         f"the epoch's images/s and MFU)")
+        else:
+            lines.append(f"{about}: {epoch.seconds:.1f} s at the roofline, "
+                         f"{epoch.images_per_second_per_chip:.3g} images/s a chip, "
+                         f"MFU {epoch.mfu:.0%}")
     return lines
 
 

@@ -270,15 +270,22 @@ def test_the_roofline_times_of_each_program_and_of_an_epoch(small_sd3_plan):
     assert epoch.calls == {"encode": 4, "rollout": 4, "decode": 4, "train step": 2, "rescore": 2}
     assert epoch.missing == ["encode", "decode", "rescore"]
     assert epoch.seconds == pytest.approx(4 * rollout.roofline_seconds + 2 * step.roofline_seconds)
-    assert epoch.images == 32 and epoch.images_per_second_per_chip == pytest.approx(32 / epoch.seconds / 4)
-    assert epoch.mfu == pytest.approx((4 * rollout.model_flops + 2 * step.model_flops)
-                                      / (epoch.seconds * chip.flops))
+    assert epoch.images_per_second_per_chip is None and epoch.mfu is None  # not a whole epoch
     text = planner.format_plan(result)
     assert "roofline on TPU v5e (197 TFLOP/s bf16, 819 GB/s)" in text
-    assert f"{epoch.seconds:.1f} s at the roofline" in text and "not planned" in text
+    assert f"take {epoch.seconds:.1f} s at the roofline; not planned: encode, decode, rescore" in text
     saved = json.loads(json.dumps(planner.plan_json(result)))
     assert saved["epoch"]["seconds"] == epoch.seconds and saved["chip"]["name"] == "TPU v5e"
     assert saved["programs"][1]["model_flops"] == step.model_flops
+    # every program of the epoch planned: its images/s a chip and MFU
+    others = [planner.Compiled(name, 2, True, flops=1e12, model_flops=5e11, roofline_seconds=0.01)
+              for name in ("encode", "decode", "rescore")]
+    whole = planner.epoch_roofline(result.programs + others, epoch.calls, 32, 4, chip)
+    seconds = epoch.seconds + (4 + 4 + 2) * 0.01
+    assert whole.missing == [] and whole.seconds == pytest.approx(seconds)
+    assert whole.images_per_second_per_chip == pytest.approx(32 / seconds / 4)
+    assert whole.mfu == pytest.approx((4 * rollout.model_flops + 2 * step.model_flops
+                                       + (4 + 4 + 2) * 5e11) / (seconds * chip.flops))
 
 
 def test_each_slice_and_gpu_the_readme_plans_for_has_its_public_peaks():
