@@ -320,7 +320,7 @@ class Program:
         if ins.opcode.endswith("-start"):
             return _async_bytes(ins, shapes)
         fused = ins.attribute("calls") if ins.opcode == "fusion" else None
-        reads = self._fusion_reads(fused) if fused else _unfused_reads(ins, shapes)
+        reads = self._fusion_reads(fused) if fused else _unfused_reads(ins)
         read = 0.0
         for position, name in enumerate(ins.operands):
             if name in shapes:
@@ -456,7 +456,7 @@ def _async_bytes(ins: _Instruction, shapes: dict) -> float:
     return sum(shape_bytes(o) for o in operands) + written
 
 
-def _unfused_reads(ins: _Instruction, shapes: dict) -> dict:
+def _unfused_reads(ins: _Instruction) -> dict:
     if ins.opcode in _SLICE_READS:
         return {0: shape_bytes(ins.shape)}
     if ins.opcode in _IN_PLACE:
