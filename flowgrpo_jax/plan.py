@@ -14,10 +14,15 @@ For each program a run compiles (prompt encoding, a rollout chunk, decoding, the
 exact ratios when an epoch has several updates, the update, the eval rollout and its
 decoding) it prints per chip: the arguments, the temporaries, the outputs,
 what else the run keeps on the chip meanwhile (weights, optimizer state, the epoch's rollouts),
-their total against the chip's memory, and the FLOPs XLA counts. Then it searches the largest
+their total against the chip's memory, the FLOPs and memory traffic of one call counted from
+the compiled program (every loop trip and the TPU attention kernel included), its roofline
+time on the chip (public peaks: TPU v4, v5e, v5p, v6e, H100, H200) and the model-FLOPs
+utilisation that time implies; then an epoch's roofline time, images per second per chip and
+MFU (docs/benchmarks.md, "FLOPs, roofline time and MFU"). Then it searches the largest
 `train.micro_batch_size` and `sample.batch_size` per chip that fit. `--programs` picks some of
-the programs (the search then covers only theirs): at full size each compile takes minutes. It
-exits 1 when the config does not fit, naming the knobs to change.
+the programs (the search then covers only theirs; the epoch then counts only theirs): at full
+size each compile takes minutes. It exits 1 when the config does not fit, naming the knobs to
+change.
 """
 import json
 import sys

@@ -3,8 +3,10 @@
 
 `RunPlan` builds the run as the trainer does (the same programs, `programs.py`) from an abstract
 generator (shapes only, no weights), with abstract inputs placed on the mesh; `plan` compiles
-each program at the config's sizes and searches the largest micro batch and rollout chunk per
-chip that fit. `python -m flowgrpo_jax.plan` is its command line.
+each program at the config's sizes, counts its FLOPs and memory traffic from the compiled HLO
+(`hlo_cost.py`), gives its roofline time on the chip (`roofline.py`) and an epoch's, and
+searches the largest micro batch and rollout chunk per chip that fit. `python -m
+flowgrpo_jax.plan` is its command line.
 """
 import dataclasses
 import math
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import parallel
+from flowgrpo_jax import hlo_cost, parallel, roofline
 from flowgrpo_jax import programs as programs_lib
 from flowgrpo_jax import update as up
 from flowgrpo_jax.programs import OnMesh, build_run, rescores
@@ -97,8 +99,15 @@ class Compiled:
     temporaries: int = 0
     outputs: int = 0  # not aliased to a donated argument
     resident_other: int = 0  # what the run keeps on the chip beside this program's arguments
-    flops: float = 0.0  # XLA's count, loop trips multiplied; custom kernels not counted
-    seconds: float = 0.0
+    flops: float = 0.0  # hardware FLOPs of one call (hlo_cost.Cost.hardware_flops)
+    kernel_flops: float = 0.0  # of them, the custom kernels' (the TPU attention)
+    model_flops: float = 0.0  # the hardware FLOPs without the rematerialisation's recompute
+    xla_flops: float = 0.0  # XLA's cost_analysis(): each loop body once, no custom kernel
+    bytes: float = 0.0  # memory traffic of one call
+    unknown_kernels: tuple = ()  # custom calls whose FLOPs are not counted
+    roofline_seconds: float = 0.0  # of one call on the chip (0: a chip without known peaks)
+    mfu: float = 0.0  # model-FLOPs utilisation at the roofline time
+    seconds: float = 0.0  # compiling it
     error: str = ""
     hlo: str = dataclasses.field(default="", repr=False)  # the compiled program, when kept
     memory: int = 0  # the chip's
@@ -117,6 +126,7 @@ class RunPlan:
         config_lib.validate(config, len(devices), processes)
         self.devices = len(devices)
         self.memory = memory or chip_memory(devices[0])
+        self.chip = roofline.chip_for(devices[0].device_kind)
         self.run = run = build_run(config, devices, abstract=True)
         self.mesh, self.generator, self.programs = run.mesh, run.generator, run.programs
         self.state, self.frozen, self.reference = run.state, run.frozen, run.reference
@@ -164,7 +174,7 @@ class RunPlan:
         """The epoch's stored rollouts of `size` samples as the update takes them: the
         objective's records (their shapes from the rollout program itself), the text, the
         sample ids and targets, and with `log_ratios` the exact ones of train.exact_ratio."""
-        program, args = self._rollout(size)[:2]
+        program, args = self._rollout(size)
         out = jax.eval_shape(program.jitted, *args)
         per_sample = lambda name: getattr(out, name).shape[len(self.lead) + 1:]
         data = {name: self._per_sample(size, getattr(out, name).dtype, *per_sample(name))
@@ -175,7 +185,7 @@ class RunPlan:
             data["log_ratios"] = self._per_sample(size, jnp.float32, self.run.settings.num_terms)
         return data
 
-    # ---- the programs, as (jitted, args, bytes of the args the run keeps, resident others, trips)
+    # ---- the programs, as (jitted, args, bytes of the args the run keeps, resident others)
 
     def _sampling_resident(self, chunk_size):
         """Held while a chunk samples: the weights and the epoch's earlier chunks."""
@@ -183,7 +193,7 @@ class RunPlan:
 
     def encode(self, size):
         return (self.programs.encode, (self.run.encoder, self._tokens(size)),
-                _per_device_bytes(self.run.encoder), self._sampling_resident(size), 1)
+                _per_device_bytes(self.run.encoder), self._sampling_resident(size))
 
     def _rollout(self, size, *, eval_: bool = False):
         s, run = self.config.sample, self.run
@@ -196,18 +206,18 @@ class RunPlan:
         hyper = self.state.hyper
         args = ((params, self.frozen), self._latents(size), self._text(size), sigmas, self._key(),
                 hyper["noise_level"], hyper["guidance_scale"], self.uncond)
-        return program, args, steps
+        return program, args
 
     def rollout(self, size, *, eval_: bool = False):
-        program, args, steps = self._rollout(size, eval_=eval_)
+        program, args = self._rollout(size, eval_=eval_)
         kept = _per_device_bytes((args[0], self.uncond))
         resident = self.weights if eval_ else self._sampling_resident(size)
-        return program, args, kept, resident, steps
+        return program, args, kept, resident
 
     def decode(self, size, *, eval_: bool = False):
         resident = self.weights if eval_ else self._sampling_resident(size)
         return (self.programs.decode, (self.run.decoder, self._latents(size)),
-                _per_device_bytes(self.run.decoder), resident, 1)
+                _per_device_bytes(self.run.decoder), resident)
 
     def train(self, micro_size):
         run = self.run
@@ -224,19 +234,16 @@ class RunPlan:
             args += (jax.ShapeDtypeStruct(self.lead, jnp.bool_, sharding=self.each),)
         kept = _per_device_bytes((self.state, self.frozen, self.reference, self.uncond))
         resident = self.weights + _per_device_bytes(self.epoch_data(self.epoch))
-        trips = update // micro_size * run.objective.num_terms(run.settings)
-        return step, args, kept, resident, trips
+        return step, args, kept, resident
 
     def rescore(self):
         """The forward-only rescoring of one update's samples (exact ratios, update.py)."""
-        settings = self.run.settings
         update = config_lib.sizes(self.config)["update"]
         args = (self.state.params, self.frozen, self.state.hyper, self.epoch_data(update),
                 self.uncond)
         kept = _per_device_bytes((self.state.params, self.frozen, self.uncond))
         resident = self.weights + _per_device_bytes(self.epoch_data(self.epoch))
-        trips = update // settings.micro_batch_size * settings.num_terms
-        return self.programs.rescore, args, kept, resident, trips
+        return self.programs.rescore, args, kept, resident
 
     def sampling_phase(self, chunk_size: int) -> Compiled:
         """Encode, rollout and decode of one chunk, compiled; the largest total of the three
@@ -251,7 +258,7 @@ class RunPlan:
         return max(results, key=lambda r: r.total)
 
     def compile(self, name: str, per_chip: int, program, keep_hlo: bool = False) -> Compiled:
-        jitted, args, kept, resident, trips = program
+        jitted, args, kept, resident = program
         self.log(f"  compiling {name}, {per_chip} per chip ...", end="", flush=True)
         started = time.perf_counter()
         try:
@@ -264,15 +271,25 @@ class RunPlan:
                               memory=self.memory)
         else:
             m = compiled.memory_analysis()
-            cost = compiled.cost_analysis() or {}
+            hlo = compiled.as_text()
+            cost = hlo_cost.program_cost(hlo)
             result = Compiled(
                 name, per_chip, True, arguments=m.argument_size_in_bytes,
                 temporaries=m.temp_size_in_bytes,
                 outputs=m.output_size_in_bytes - m.alias_size_in_bytes,
-                resident_other=max(resident - kept, 0), flops=float(cost.get("flops", 0.0)) * trips,
-                seconds=time.perf_counter() - started, hlo=compiled.as_text() if keep_hlo else "",
+                resident_other=max(resident - kept, 0), flops=cost.hardware_flops,
+                kernel_flops=cost.kernel_flops, model_flops=cost.model_flops,
+                xla_flops=float((compiled.cost_analysis() or {}).get("flops", 0.0)),
+                bytes=cost.bytes,
+                unknown_kernels=cost.unknown_kernels,
+                seconds=time.perf_counter() - started, hlo=hlo if keep_hlo else "",
                 memory=self.memory)
             result.fits = result.total <= self.memory
+            if self.chip is not None:
+                result.roofline_seconds = roofline.seconds(cost.hardware_flops, cost.bytes, self.chip)
+                if result.roofline_seconds > 0:
+                    result.mfu = roofline.utilisation(cost.model_flops, result.roofline_seconds,
+                                                      self.chip)
         self.log(f" {result.seconds:.0f} s: {_describe(result, self.memory)}", flush=True)
         return result
 
@@ -334,6 +351,18 @@ def _next_probe(candidates, lo, hi, measured, memory) -> int:
 
 
 @dataclasses.dataclass
+class Epoch:
+    """An epoch's roofline time from the programs it calls (evaluation left out)."""
+
+    images: int  # sampled and trained on, all members'
+    calls: dict  # program name -> calls an epoch
+    seconds: float  # at the roofline, of the planned programs among `calls`
+    missing: list  # programs of the epoch that were not planned (their time is not counted)
+    images_per_second_per_chip: float | None  # None unless every program was planned
+    mfu: float | None  # the epoch's model FLOPs over seconds x the chip's peak; the same
+
+
+@dataclasses.dataclass
 class Plan:
     topology: str
     devices: int
@@ -342,10 +371,42 @@ class Plan:
     largest_micro_batch_per_chip: int | None = None
     largest_sample_batch_per_chip: int | None = None
     members: int = 1  # a population's members (their batches side by side on the chips)
+    chip: roofline.Chip | None = None  # the chip's public peaks; None: no roofline
+    epoch: Epoch | None = None
 
     @property
     def fits(self) -> bool:
         return all(p.fits for p in self.programs)
+
+
+def calls_per_epoch(config, objective) -> dict:
+    """How often a run calls each program in an epoch: per rollout chunk its prompts' encoding,
+    the rollout and the decoding; each update; and with exact ratios over U updates 2 (U - 1)
+    rescores (update.py). Evaluation runs every eval_every epochs and is left out."""
+    chunks, updates = config_lib.sizes(config)["chunks"], config.train.updates_per_epoch
+    calls = {"encode": chunks, "rollout": chunks, "decode": chunks, "train step": updates}
+    if rescores(config, objective):
+        calls["rescore"] = 2 * (updates - 1)
+    return calls
+
+
+def epoch_roofline(programs: list, calls: dict, images: int, devices: int,
+                   chip: roofline.Chip) -> Epoch | None:
+    """The epoch at its programs' roofline times (each program's first, as planned), or None
+    when none of its programs was planned; images/s and MFU only when all of them were."""
+    planned = {}
+    for p in programs:
+        if p.name in calls and p.name not in planned and not p.error:
+            planned[p.name] = p
+    if not planned:
+        return None
+    seconds = sum(calls[name] * p.roofline_seconds for name, p in planned.items())
+    model_flops = sum(calls[name] * p.model_flops for name, p in planned.items())
+    missing = [name for name in calls if name not in planned]
+    if missing:
+        return Epoch(images, calls, seconds, missing, None, None)
+    return Epoch(images, calls, seconds, missing, images / seconds / devices,
+                 roofline.utilisation(model_flops, seconds, chip))
 
 
 # The programs of a run, in the order a run compiles them ("rescore" only with exact ratios
@@ -380,7 +441,10 @@ def plan(config, devices, topology: str, *, search: bool = True, memory: int | N
     compiled = [run.compile(name, builders[name][0], builders[name][1]())
                 for name in PROGRAMS
                 if name in programs and (name != "rescore" or rescores(config, run.run.objective))]
-    result = Plan(topology, n, run.memory, compiled, members=run.lanes)
+    result = Plan(topology, n, run.memory, compiled, members=run.lanes, chip=run.chip)
+    if run.chip is not None:
+        result.epoch = epoch_roofline(compiled, calls_per_epoch(config, run.run.objective),
+                                      run.epoch * run.lanes, n, run.chip)
     if not search:
         return result
     group = n // config.mesh.population  # the devices a member's batch is split over
@@ -400,25 +464,54 @@ def plan(config, devices, topology: str, *, search: bool = True, memory: int | N
 
 def format_plan(result: Plan) -> str:
     header = (f"{'program':<13} {'per chip':>8} {'args':>8} {'temps':>8} {'outputs':>8} "
-              f"{'others':>8} {'total':>8}  {'of':>6}  {'TFLOP':>8}  fits")
+              f"{'others':>8} {'total':>8}  {'of':>6}  {'TFLOP':>8} {'GB moved':>8} "
+              f"{'roofline s':>10} {'MFU':>5}  fits")
     lines = [header]
     for p in result.programs:
         gib = lambda b: f"{b / GiB:8.2f}"
         if p.error:
             lines.append(f"{p.name:<13} {p.per_chip:>8} {'':>8} {'':>8} {'':>8} "
                          f"{gib(p.resident_other)} {'':>8}  {result.chip_memory / GiB:6.2f}  "
-                         f"{'':>8}  no ({p.error})")
+                         f"{'':>8} {'':>8} {'':>10} {'':>5}  no ({p.error})")
             continue
+        time = (f"{p.roofline_seconds:10.3f} {p.mfu:5.0%}" if result.chip else f"{'':>10} {'':>5}")
         lines.append(f"{p.name:<13} {p.per_chip:>8} {gib(p.arguments)} {gib(p.temporaries)} "
                      f"{gib(p.outputs)} {gib(p.resident_other)} {gib(p.total)}  "
-                     f"{result.chip_memory / GiB:6.2f}  {p.flops / 1e12:8.1f}  "
-                     f"{'yes' if p.fits else 'no'}")
+                     f"{result.chip_memory / GiB:6.2f}  {p.flops / 1e12:8.1f} "
+                     f"{p.bytes / 1e9:8.1f} {time}  {'yes' if p.fits else 'no'}")
+    lines += _roofline_lines(result)
     for what, value in (("micro batch", result.largest_micro_batch_per_chip),
                         ("rollout chunk", result.largest_sample_batch_per_chip)):
         if value is not None:
             lines.append(f"largest {what} per chip that fits: {value} "
                          f"({global_size(result, value)} global{' a member' * (result.members > 1)})")
     return "\n".join(lines)
+
+
+def _roofline_lines(result: Plan) -> list[str]:
+    if result.chip is None:
+        return [f"roofline: no peak FLOP/s and bandwidth known for {result.topology!r} "
+                f"(roofline.CHIPS), no times"]
+    chip = result.chip
+    lines = [f"roofline on {chip.name} ({chip.flops / 1e12:.0f} TFLOP/s bf16, "
+             f"{chip.bandwidth / 1e9:.0f} GB/s): a call's time is the longer of its FLOPs at peak "
+             f"and its bytes at the bandwidth; MFU counts model FLOPs (no remat recompute)"]
+    unknown = sorted({k for p in result.programs for k in p.unknown_kernels})
+    if unknown:
+        lines.append(f"FLOPs of custom calls not counted: {', '.join(unknown)}")
+    epoch = result.epoch
+    if epoch is not None:
+        calls = ", ".join(f"{n} x {name}" for name, n in epoch.calls.items())
+        about = f"an epoch ({epoch.images} images: {calls}; evaluation not included)"
+        if epoch.missing:
+            lines.append(f"{about}: its planned programs take {epoch.seconds:.1f} s at the "
+                         f"roofline; not planned: {', '.join(epoch.missing)} (plan them for "
+                         f"the epoch's images/s and MFU)")
+        else:
+            lines.append(f"{about}: {epoch.seconds:.1f} s at the roofline, "
+                         f"{epoch.images_per_second_per_chip:.3g} images/s a chip, "
+                         f"MFU {epoch.mfu:.0%}")
+    return lines
 
 
 def global_size(result: Plan, per_chip: int) -> int:

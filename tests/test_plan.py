@@ -1,5 +1,6 @@
 """The memory planner: its search, its command line on the toy model for a TPU slice (quick),
-and at full SD3.5-M depth on v5e:2x4 (slow)."""
+its FLOPs and roofline times on a small SD3.5-style model against an analytic count, and at
+full SD3.5-M depth on v5e:2x4 (slow)."""
 import json
 import pathlib
 import re
@@ -7,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from sd3_folders import sd35m_folder
 
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import planner
+from flowgrpo_jax import planner, roofline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -167,3 +169,131 @@ def test_the_planner_compiles_every_program_of_a_population_run():
     assert result.fits and result.members == 2
     step = next(p for p in result.programs if p.name == "train step")
     assert step.per_chip == 2 * config.train.micro_batch_size
+
+
+# SD3.5 Medium's architecture at width 128 (2 heads of 64), 4 layers (the second with SD3.5's
+# second attention), small text encoders: 256 px (256 image tokens), 77 + 16 text tokens.
+SMALL_SD3 = {
+    "transformer": {"num_attention_heads": 2, "caption_projection_dim": 128,
+                    "joint_attention_dim": 128, "pooled_projection_dim": 96,
+                    "dual_attention_layers": [1]},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "projection_dim": 32},
+    "text_encoder_2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "projection_dim": 64},
+    "text_encoder_3": {"d_model": 128, "d_ff": 256, "num_layers": 1, "num_heads": 2}}
+
+
+def mmdit_forward_flops(*, layers, dual, width, heads, head_dim, image, text, joint, pooled,
+                        patch_in, patch_out, lora_rank, pad=lambda n: n):
+    """(matmul FLOPs, attention FLOPs) of one MMDiT forward on one sample (docs/benchmarks.md):
+    2 x in x out x the tokens each linear layer sees (image tokens, text tokens, or the one
+    conditioning vector), LoRA on the joint attention's projections, and 4 x heads x q_len x
+    kv_len x head_dim per attention (lengths as `pad` makes them)."""
+    w = width
+    linear = lambda tokens, inputs, outputs: 2 * tokens * inputs * outputs
+    lora = lambda tokens, count: count * (linear(tokens, w, lora_rank) + linear(tokens, lora_rank, w))
+    matmuls = (linear(image, patch_in, w) + linear(text, joint, w)
+               + linear(1, 256, w) + linear(1, w, w) + linear(1, pooled, w) + linear(1, w, w)
+               + linear(1, w, 2 * w) + linear(image, w, patch_out))
+    attention = 0
+    for i in range(layers):
+        last = i == layers - 1
+        matmuls += linear(1, w, (9 if i in dual else 6) * w) + linear(1, w, (2 if last else 6) * w)
+        matmuls += 4 * linear(image, w, w) + lora(image, 4) + 2 * linear(image, w, 4 * w)
+        if last:  # context_pre_only: the text's keys and values only
+            matmuls += 2 * linear(text, w, w) + lora(text, 2)
+            attention += 4 * heads * pad(image) * pad(image + text) * head_dim
+        else:
+            matmuls += 4 * linear(text, w, w) + lora(text, 4) + 2 * linear(text, w, 4 * w)
+            attention += 4 * heads * pad(image + text) ** 2 * head_dim
+        if i in dual:
+            matmuls += 4 * linear(image, w, w)
+            attention += 4 * heads * pad(image) ** 2 * head_dim
+    return matmuls, attention
+
+
+@pytest.fixture(scope="module")
+def small_sd3_plan(tmp_path_factory):
+    """The LoRA run of configs/sd35m_geneval.py (CFG, 10 SDE steps of which 9 train, KL,
+    per-block remat, the splash kernel) on the small model, planned for v5e:2x2: 2 images a
+    chip in rollout chunks and micro batches, 2 updates of 16 an epoch of 32."""
+    folder = sd35m_folder(tmp_path_factory.mktemp("sd3") / "small", 4, SMALL_SD3)
+    config = config_lib.load_file(str(ROOT / "configs" / "sd35m_geneval.py"))
+    config.model.path, config.model.resolution, config.model.max_sequence_length = folder, 256, 16
+    config.lora.rank, config.lora.alpha = 4, 8.0
+    s, t = config.sample, config.train
+    s.group_size, s.groups_per_epoch, s.batch_size = 4, 8, 8
+    t.micro_batch_size, t.updates_per_epoch, t.remat = 8, 2, "block"
+    result = planner.plan(config, planner.tpu_devices("v5e:2x2"), "v5e:2x2", search=False,
+                          programs=("rollout", "train step"), log=lambda *a, **k: None)
+    return config, result
+
+
+def test_the_planners_flops_agree_with_the_analytic_count(small_sd3_plan):
+    """Per chip: the rollout is 2 images x 2 CFG branches x 10 steps of forwards; the update
+    (72 per chip: 2 images x 2 branches x 9 steps x 2 micro batches) runs per sample and step
+    4 forwards' matmuls (policy, KL reference, remat recompute, and the LoRA backward, which
+    needs input gradients only) and the splash kernels' 6.5 forwards of attention (3 forwards,
+    the dq kernel's 1.5 and the dkv kernel's 2). The attention is counted at the kernel's
+    lengths, padded to multiples of 128: exact; the matmuls are fewer than 4 forwards where
+    XLA leaves out what the gradient does not need (the recompute of each block's output
+    projections, the first block's input gradients)."""
+    config, result = small_sd3_plan
+    matmuls, attention = mmdit_forward_flops(
+        layers=4, dual=[1], width=128, heads=2, head_dim=64, image=256, text=77 + 16, joint=128,
+        pooled=96, patch_in=2 * 2 * 16, patch_out=2 * 2 * 16, lora_rank=4,
+        pad=lambda n: -(-n // 128) * 128)
+    rollout, step = result.programs
+    forwards = 2 * 2 * config.sample.num_steps
+    analytic = {"rollout": forwards * (matmuls + attention),
+                "train step": 72 * (4 * matmuls + 6.5 * attention)}
+    for program in (rollout, step):
+        print(f"{program.name}: planner {program.flops / 1e9:.2f} GFLOP, analytic "
+              f"{analytic[program.name] / 1e9:.2f} GFLOP per chip")
+        assert program.flops == pytest.approx(analytic[program.name], rel=0.10)
+    assert rollout.model_flops == rollout.flops  # nothing recomputed
+    # model FLOPs leave the recompute out: 3 forwards of matmuls, 5.5 of attention
+    assert step.model_flops == pytest.approx(72 * (3 * matmuls + 5.5 * attention), rel=0.10)
+
+
+def test_the_roofline_times_of_each_program_and_of_an_epoch(small_sd3_plan):
+    config, result = small_sd3_plan
+    chip = result.chip
+    assert chip is roofline.TPU_V5E and (chip.flops, chip.bandwidth) == (197e12, 819e9)
+    for p in result.programs:
+        assert p.roofline_seconds == max(p.flops / chip.flops, p.bytes / chip.bandwidth)
+        assert p.mfu == pytest.approx(p.model_flops / (p.roofline_seconds * chip.flops))
+        assert 0 < p.mfu <= 1 and not p.unknown_kernels
+    rollout, step = result.programs
+    epoch = result.epoch  # 4 chunks and 2 updates, the second rescored twice (exact ratios)
+    assert epoch.calls == {"encode": 4, "rollout": 4, "decode": 4, "train step": 2, "rescore": 2}
+    assert epoch.missing == ["encode", "decode", "rescore"]
+    assert epoch.seconds == pytest.approx(4 * rollout.roofline_seconds + 2 * step.roofline_seconds)
+    assert epoch.images_per_second_per_chip is None and epoch.mfu is None  # not a whole epoch
+    text = planner.format_plan(result)
+    assert "roofline on TPU v5e (197 TFLOP/s bf16, 819 GB/s)" in text
+    assert f"take {epoch.seconds:.1f} s at the roofline; not planned: encode, decode, rescore" in text
+    saved = json.loads(json.dumps(planner.plan_json(result)))
+    assert saved["epoch"]["seconds"] == epoch.seconds and saved["chip"]["name"] == "TPU v5e"
+    assert saved["programs"][1]["model_flops"] == step.model_flops
+    # every program of the epoch planned: its images/s a chip and MFU
+    others = [planner.Compiled(name, 2, True, flops=1e12, model_flops=5e11, roofline_seconds=0.01)
+              for name in ("encode", "decode", "rescore")]
+    whole = planner.epoch_roofline(result.programs + others, epoch.calls, 32, 4, chip)
+    seconds = epoch.seconds + (4 + 4 + 2) * 0.01
+    assert whole.missing == [] and whole.seconds == pytest.approx(seconds)
+    assert whole.images_per_second_per_chip == pytest.approx(32 / seconds / 4)
+    assert whole.mfu == pytest.approx((4 * rollout.model_flops + 2 * step.model_flops
+                                       + (4 + 4 + 2) * 5e11) / (seconds * chip.flops))
+
+
+def test_each_slice_and_gpu_the_readme_plans_for_has_its_public_peaks():
+    for topology, chip in (("v5e:2x4", roofline.TPU_V5E), ("v6e:2x4", roofline.TPU_V6E),
+                           ("v4:2x2x1", roofline.TPU_V4), ("v5p:2x2x1", roofline.TPU_V5P)):
+        assert roofline.chip_for(topology) is chip
+        assert roofline.chip_for(planner.tpu_devices(topology)[0].device_kind) is chip
+    assert roofline.chip_for("NVIDIA H100 80GB HBM3") is roofline.H100_SXM
+    assert roofline.chip_for("NVIDIA H100 PCIe") is roofline.H100_PCIE
+    assert roofline.chip_for("NVIDIA H200") is roofline.H200_SXM
+    assert roofline.chip_for("cpu") is None

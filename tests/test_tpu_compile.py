@@ -9,47 +9,16 @@ move no activations between chips under data parallelism (no all-gather). The fu
 the slow suite (tests/test_plan.py).
 """
 import importlib.util
-import json
-import os
 import pathlib
 
 import pytest
+from sd3_folders import sd35m_folder
 
 from flowgrpo_jax import planner
-from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOPOLOGY = "v5e:2x2"
 PER_CHIP = {"train step": 2, "rollout": 8}
-
-
-def reduced_sd35m_folder(folder, num_layers: int) -> str:
-    """A converted-pipeline folder of configs only (no weights: the planner reads none), the
-    MMDiT cut to its first `num_layers - 1` layers plus the context_pre_only last one."""
-    index = {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "tokenizer_3": ["transformers", "T5TokenizerFast"]}
-    kinds = {"transformer": "transformer", "vae": "vae", "text_encoder": "clip_text",
-             "text_encoder_2": "clip_text", "text_encoder_3": "t5_encoder"}
-    for name, kind in kinds.items():
-        with open(os.path.join(SD35M_CONFIGS, f"{name}.json")) as f:
-            config = json.load(f)
-        if name == "transformer":
-            config["num_layers"] = num_layers
-            config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < num_layers - 1]
-        os.makedirs(os.path.join(folder, name))
-        for file, content in (("config.json", config), ("flowgrpo_jax.json", {"format": 2, "kind": kind})):
-            with open(os.path.join(folder, name, file), "w") as f:
-                json.dump(content, f)
-        index[name] = ["diffusers", config.get("_class_name", kind)]
-    os.makedirs(os.path.join(folder, "scheduler"))
-    with open(os.path.join(SD35M_CONFIGS, "scheduler.json")) as f:
-        scheduler = f.read()
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        f.write(scheduler)
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f)
-    return str(folder)
 
 
 def sd35m_config(model_path, devices: int):
@@ -65,7 +34,7 @@ def sd35m_config(model_path, devices: int):
 
 
 def _compile(tmp_path, name):
-    folder = reduced_sd35m_folder(tmp_path / "sd35m_2_layers", num_layers=2)
+    folder = sd35m_folder(tmp_path / "sd35m_2_layers", num_layers=2)
     devices = planner.tpu_devices(TOPOLOGY)
     config = sd35m_config(folder, len(devices))
     run = planner.RunPlan(config, devices, log=lambda *a, **k: None)
