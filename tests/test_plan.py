@@ -167,3 +167,13 @@ def test_the_planner_compiles_every_program_of_a_population_run():
     assert result.fits and result.members == 2
     step = next(p for p in result.programs if p.name == "train step")
     assert step.per_chip == 2 * config.train.micro_batch_size
+
+
+def test_an_epoch_of_one_rollout_chunk_holds_no_earlier_chunks_while_it_samples():
+    import jax
+
+    config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py:tiny"))
+    config.sample.group_size, config.sample.groups_per_epoch = config.sample.batch_size, 1
+    run = planner.RunPlan(config, jax.devices()[:1], log=lambda *a, **k: None)
+    resident = run.rollout(config.sample.batch_size)[3]
+    assert resident == run.weights
