@@ -14,7 +14,7 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) -e '.[test]'
 	touch $@ $(VENV)/.installed
 
-.PHONY: demo test test-slow
+.PHONY: demo test test-slow gpu-wheels
 demo: $(VENV)/.installed
 	$(PY) -m flowgrpo_jax.demo
 
@@ -25,3 +25,14 @@ test: $(VENV)/.installed-test
 # pytest exits 5 when no test is marked slow: that is not a failure.
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+# The wheels tools/gpu_check.py needs on a lent GPU machine (Python 3.12, jax 0.11, no network)
+# beside what it has, into .whl/ (ignored), to carry there: docs/benchmarks.md. flax: the one
+# tested with jax 0.11.2 (0.12.8 does not import under it).
+GPU_WHEELS := ml_collections==1.1.0 tensorboardX==2.6.5 diffusers==0.42.1 flax==0.12.12
+gpu-wheels:
+	rm -rf .whl
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)

@@ -60,7 +60,8 @@ def _flatten_config(d: dict, prefix="") -> dict:
 
 
 # Keys that may change between a run and its resumption without changing what is trained.
-RESUMABLE_KEYS = ("num_epochs", "save_every", "eval_every", "log_every", "max_nonfinite_updates")
+RESUMABLE_KEYS = ("num_epochs", "save_every", "eval_every", "log_every", "max_nonfinite_updates",
+                  "compilation_cache.enabled", "compilation_cache.dir")
 
 
 def is_workdir(folder: str) -> bool:

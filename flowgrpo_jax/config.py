@@ -149,6 +149,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.population = 1  # devices groups a population's members are split over
 
+    # JAX's persistent compilation cache (compile_cache.py): a second start of the same run
+    # loads its programs instead of compiling them. dir "": JAX_COMPILATION_CACHE_DIR when
+    # set, else $XDG_CACHE_HOME/flowgrpo_jax/jax_compilation (~/.cache/...).
+    c.compilation_cache = ml_collections.ConfigDict()
+    c.compilation_cache.enabled = True
+    c.compilation_cache.dir = ""
+
     c.logging = ml_collections.ConfigDict()
     c.logging.num_images = 16  # per image grid
     c.logging.wandb = ""  # a wandb project: a wandb run per member ("": no wandb)

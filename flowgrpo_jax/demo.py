@@ -28,6 +28,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
+from flowgrpo_jax import compile_cache
 from flowgrpo_jax import evaluate as ev
 from flowgrpo_jax import plot
 from flowgrpo_jax.families.toy.prompts import DATA_DIR, TAGS
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    config = _CONFIG.value
+    compile_cache.setup(config.compilation_cache.enabled, config.compilation_cache.dir)
     workdir = FLAGS.workdir
     if os.path.exists(workdir) and os.listdir(workdir):
         if not FLAGS.overwrite:
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
             return 2
         shutil.rmtree(workdir)
     try:
-        run(_CONFIG.value, workdir, seen_prompts=FLAGS.seen_prompts, images_per_prompt=FLAGS.images_per_prompt,
+        run(config, workdir, seen_prompts=FLAGS.seen_prompts, images_per_prompt=FLAGS.images_per_prompt,
             num_test_prompts=FLAGS.num_test_prompts, grid_per_tag=FLAGS.grid_per_tag,
             grid_images=FLAGS.grid_images, seed=FLAGS.seed)
     except TrainingStopped as e:

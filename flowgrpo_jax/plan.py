@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 import jax
 
+from flowgrpo_jax import compile_cache
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import planner
 
@@ -54,6 +55,10 @@ def main(argv) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # JAX logs each backend it cannot start at INFO
     config = _CONFIG.value
+    # Programs compiled for a topology's compile-only devices cannot be loaded back (JAX needs
+    # a device client to deserialize them): the cache serves only this host's devices.
+    compile_cache.setup(config.compilation_cache.enabled and not FLAGS.topology,
+                        config.compilation_cache.dir)
     try:
         devices = planner.tpu_devices(FLAGS.topology) if FLAGS.topology else jax.devices()
         memory = int(FLAGS.memory_gib * planner.GiB) if FLAGS.memory_gib else None

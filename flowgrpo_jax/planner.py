@@ -188,8 +188,10 @@ class RunPlan:
     # ---- the programs, as (jitted, args, bytes of the args the run keeps, resident others)
 
     def _sampling_resident(self, chunk_size):
-        """Held while a chunk samples: the weights and the epoch's earlier chunks."""
-        return self.weights + _per_device_bytes(self.epoch_data(self.epoch - chunk_size))
+        """Held while a chunk samples: the weights and the epoch's earlier chunks (none when
+        the epoch is one chunk)."""
+        earlier = self.epoch - chunk_size
+        return self.weights + (_per_device_bytes(self.epoch_data(earlier)) if earlier else 0)
 
     def encode(self, size):
         return (self.programs.encode, (self.run.encoder, self._tokens(size)),

@@ -13,6 +13,7 @@ import time
 
 from PIL import Image
 
+from flowgrpo_jax import compile_cache
 from flowgrpo_jax.families.sd3 import DTYPES
 from flowgrpo_jax.families.sd3.loading import load_pipeline
 from flowgrpo_jax.families.sd3.pipeline import sample
@@ -37,6 +38,11 @@ def parse_args(argv):
     parser.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="parameter and compute dtype")
+    parser.add_argument("--compilation_cache", default="",
+                        help="folder of JAX's persistent compilation cache (default: "
+                             "JAX_COMPILATION_CACHE_DIR, else ~/.cache/flowgrpo_jax/jax_compilation)")
+    parser.add_argument("--no_compilation_cache", action="store_true",
+                        help="compile everything anew, caching nothing")
     args = parser.parse_args(argv)
     if args.num_images < 1 or args.steps < 1:
         parser.error("--num_images and --steps must be >= 1")
@@ -45,6 +51,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    compile_cache.setup(not args.no_compilation_cache, args.compilation_cache)
     try:
         pipeline = load_pipeline(args.model, dtype=DTYPES[args.dtype])
     except (OSError, ValueError) as e:  # missing files; damaged or wrong components

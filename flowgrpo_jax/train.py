@@ -58,6 +58,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from flowgrpo_jax import checkpoint as ckpt
+from flowgrpo_jax import compile_cache
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import parallel, population
 from flowgrpo_jax import programs as programs_lib
@@ -176,6 +177,8 @@ class Trainer:
 
     def __init__(self, config, workdir: str, *, allow_config_change: bool = False,
                  on_metrics: Callable[[int, dict, str], None] | None = None):
+        self.started = time.perf_counter()
+        self.sampled_once = False  # whether this process has sampled a rollout chunk yet
         config_lib.validate(config, jax.device_count(), jax.process_count())
         members = population_members(config)  # before the workdir: a bad population writes nothing
         self.config = config
@@ -386,6 +389,8 @@ class Trainer:
             out, text = self._sample_chunk(params, self.sigmas, keys, noise, prompts, kind=s.kind,
                                            window=self.window, records=records)
             images = self._images(out.final_latents)
+            if not self.sampled_once:
+                self._report_first_rollout()
             # scored meanwhile
             sampled.rewards.append(self._submit(images, prompts, metadata, self.rewards))
             if not self.config.reward.overlap:
@@ -400,6 +405,15 @@ class Trainer:
             if parallel.any_process(stop is not None and stop.requested):
                 return None
         return sampled
+
+    def _report_first_rollout(self) -> None:
+        """One line when this process's first rollout chunk is done: how long the start took
+        and how many programs it compiled and loaded from the compilation cache."""
+        self.sampled_once = True
+        if self.is_main:
+            tqdm.write(f"first rollout chunk done {time.perf_counter() - self.started:.1f} s "
+                       f"after the trainer started; XLA programs of this process so far: "
+                       f"{compile_cache.counts()}")
 
     # ---- one epoch -----------------------------------------------------------------------------
 
@@ -669,6 +683,8 @@ class Trainer:
         if c.eval_every:
             self._log_epoch(self.evaluate())
         self.save()
+        if self.is_main:
+            tqdm.write(f"XLA programs of this process: {compile_cache.counts()}")
         # Every process reports the params it holds: replicas must agree across processes.
         print(f"process {jax.process_index()}/{jax.process_count()}: epoch {self.epoch}, params "
               f"fingerprint {parallel.fingerprint(self.state.params)}", flush=True)
@@ -778,6 +794,8 @@ def main(argv) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     _init_distributed()
+    cache = _CONFIG.value.compilation_cache
+    compile_cache.setup(cache.enabled, cache.dir)
     try:
         trainer = Trainer(_CONFIG.value, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
     except _INPUT_ERRORS as e:

@@ -1,12 +1,14 @@
 """Test ordering for make test's two pytest-xdist workers, and the compilation cache they share."""
 import os
 
-import jax
 import pytest
+
+from flowgrpo_jax import compile_cache
 
 # The longest files run first, so the two workers do not end with one of them compiling for a
 # TPU alone while the other has nothing left.
-LONGEST_FIRST = ("test_tpu_compile.py", "test_train_distributed.py", "test_parallel.py")
+LONGEST_FIRST = ("test_tpu_compile.py", "test_train_distributed.py", "test_gpu_check.py",
+                 "test_parallel.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -16,16 +18,16 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-    """One persistent JAX compilation cache for the run: its workers and every process a test
-    starts (they inherit the environment) compile the tiny configs' programs once, not once a
-    process. It lives in pytest's temporary folder of this run."""
+    """One persistent JAX compilation cache for the run, in pytest's temporary folder of this
+    run (never the user's): its workers and every process a test starts (they inherit the
+    environment) compile the tiny configs' programs once, not once a process. With its size
+    capped JAX locks the folder while it reads or writes an entry (compile_cache.py), so the
+    workers never read one another's half-written entries."""
     run_folder = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         run_folder = run_folder.parent  # shared by the workers
-    settings = {"JAX_COMPILATION_CACHE_DIR": str(run_folder / "jax_compilation_cache"),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    os.environ.update(settings)
-    jax.config.update("jax_compilation_cache_dir", settings["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    folder = str(run_folder / "jax_compilation_cache")
+    os.environ.update({"JAX_COMPILATION_CACHE_DIR": folder,
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(compile_cache.MAX_BYTES)})
+    compile_cache.setup(folder=folder)

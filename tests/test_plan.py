@@ -171,6 +171,16 @@ def test_the_planner_compiles_every_program_of_a_population_run():
     assert step.per_chip == 2 * config.train.micro_batch_size
 
 
+def test_an_epoch_of_one_rollout_chunk_holds_no_earlier_chunks_while_it_samples():
+    import jax
+
+    config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py:tiny"))
+    config.sample.group_size, config.sample.groups_per_epoch = config.sample.batch_size, 1
+    run = planner.RunPlan(config, jax.devices()[:1], log=lambda *a, **k: None)
+    resident = run.rollout(config.sample.batch_size)[3]
+    assert resident == run.weights
+
+
 # SD3.5 Medium's architecture at width 128 (2 heads of 64), 4 layers (the second with SD3.5's
 # second attention), small text encoders: 256 px (256 image tokens), 77 + 16 text tokens.
 SMALL_SD3 = {

@@ -33,6 +33,7 @@ import numpy as np
 from absl import logging
 from scipy import stats
 
+from flowgrpo_jax import compile_cache
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import plot, population
 from flowgrpo_jax.population import PopulationError, apply, parse_assignment, parse_value, run_name
@@ -216,6 +217,7 @@ def main(argv=None) -> int:
         print(f"error: {args.out} already holds runs {taken}; give a fresh --out", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    compile_cache.setup(config.compilation_cache.enabled, config.compilation_cache.dir)
     runs, seconds = [], {}
     for i, overrides in enumerate(grid):
         name = run_name(overrides)
