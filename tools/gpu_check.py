@@ -12,8 +12,8 @@ device memory they took, and a section that fails or overruns leaves the others 
   halves with exact ratios, as an epoch of two updates runs them (update 1 on-policy at zero
   log-ratios, update 2 at the log-ratios of the rescore program against its run at the
   sampling params). Per program: the planner's compile of it on this device
-  (`planner.plan`: memory, FLOPs), seconds per call, images/s, TFLOP/s and, given the chip's
-  peak (--peak_tflops), MFU. The ratio checks on the way, in the model's dtype (bf16 for
+  (`planner.plan`: memory, FLOPs, its roofline time and MFU), seconds per call, images/s,
+  TFLOP/s and MFU at the chip's peak (flowgrpo_jax/roofline.py, or --peak_tflops). The ratio checks on the way, in the model's dtype (bf16 for
   SD3.5-M): the on-policy update's ratios are exactly 1 (none clipped); the rescore program
   run twice on the same params gives bitwise the same log-probs (so exact ratios are exact
   on this device); how far the rollout's own log-probs are from the rescore's, which is what
@@ -57,7 +57,7 @@ sys.path[:0] = [ROOT, TOOLS]  # run as a script: the package and bench.py beside
 
 from flowgrpo_jax import compile_cache  # noqa: E402
 from flowgrpo_jax import config as config_lib  # noqa: E402
-from flowgrpo_jax import parallel, planner  # noqa: E402
+from flowgrpo_jax import parallel, planner, roofline  # noqa: E402
 from flowgrpo_jax import programs as programs_lib  # noqa: E402
 from flowgrpo_jax import update as up  # noqa: E402
 from flowgrpo_jax.objectives.advantages import PerPromptStatTracker  # noqa: E402
@@ -162,13 +162,18 @@ def compiled(program, *args) -> tuple:
                         "from_cache": loaded}
 
 
-def throughput(seconds: list, images: int, flops: float, peak_flops: float | None) -> dict:
-    """Per call of a program: `flops` are the planner's count of one call."""
+def throughput(seconds: list, images: int, program, peak_flops: float | None) -> dict:
+    """Per call of a program, measured against the planner's count of one call (`program`, a
+    planner.Compiled): its hardware FLOPs a second, and MFU = its model FLOPs (no remat
+    recompute) / (seconds x the chip's peak); beside them the planner's roofline estimate."""
     median = statistics.median(seconds)
     return {"seconds": seconds, "median_s": median, "images": images,
-            "images_per_s": images / median, "planned_flops": flops,
-            "achieved_flops_per_s": flops / median,
-            "mfu": None if peak_flops is None else flops / median / peak_flops}
+            "images_per_s": images / median, "planned_flops": program.flops,
+            "planned_model_flops": program.model_flops,
+            "achieved_flops_per_s": program.flops / median,
+            "mfu": None if peak_flops is None else program.model_flops / median / peak_flops,
+            "roofline_s": program.roofline_seconds or None,
+            "roofline_mfu": program.mfu or None}
 
 
 def peak_memory(device) -> int | None:
@@ -266,13 +271,16 @@ def run_programs(size: str, part: Part, *, micro_batch: int | None, train_steps:
     if not plan.fits:
         raise RuntimeError(f"the planner says {[p.name for p in plan.programs if not p.fits]} "
                            f"do not fit this device; try a smaller --micro_batch")
-    flops = {p.name: p.flops for p in plan.programs}
-    measured = lambda name, seconds, info: {**info, **throughput(seconds, update, flops[name],
+    planned = {p.name: p for p in plan.programs}
+    if peak_flops is None and (chip := roofline.chip_for(devices[0].device_kind)):
+        peak_flops = chip.flops
+    measured = lambda name, seconds, info: {**info, **throughput(seconds, update, planned[name],
                                                                  peak_flops)}
 
     r = random_run(config, devices)
     out, info, seconds = sample_chunk(r)
-    part.add(rollout={**info, **throughput([seconds], s.batch_size, flops["rollout"], peak_flops)})
+    part.add(rollout={**info, **throughput([seconds], s.batch_size, planned["rollout"],
+                                                     peak_flops)})
     batches = update_batches(r, out)
 
     # the rescore program at the sampling params, twice: exact ratios need it to repeat bit
@@ -414,7 +422,12 @@ def _fmt_run(r: dict) -> str:
     text = (f"{r['images_per_s']:.3g} images/s ({r['median_s']:.3g} s a call of {r['images']}), "
             f"{r['achieved_flops_per_s'] / 1e12:.3g} TFLOP/s of the planner's "
             f"{r['planned_flops'] / 1e12:.4g} TFLOP a call")
-    return text + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "")
+    if r["mfu"] is not None:
+        text += f", MFU {100 * r['mfu']:.1f}%"
+    if r["roofline_s"]:
+        text += (f" (planner's roofline: {r['roofline_s']:.3g} s a call, "
+                 f"MFU {100 * r['roofline_mfu']:.1f}%)")
+    return text
 
 
 def table(result: dict) -> str:
@@ -480,7 +493,8 @@ def parse_args(argv):
                         help="the programs section's micro batch (default: the config's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per bench measurement")
     parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="the chip's dense peak in the model's dtype, for MFU (none: no MFU)")
+                        help="the chip's dense peak in the model's dtype, for MFU (default: "
+                             "flowgrpo_jax/roofline.py's for a known chip; none on a CPU)")
     parser.add_argument("--compilation_cache", default="",
                         help="folder of the compilation cache (default: compile_cache.py's)")
     parser.add_argument("--no_compilation_cache", action="store_true")
