@@ -7,11 +7,12 @@ The folder is the config's `compilation_cache.dir` (sample.py: --compilation_cac
 JAX_COMPILATION_CACHE_DIR when set, else $XDG_CACHE_HOME/flowgrpo_jax/jax_compilation
 (~/.cache/...); `compilation_cache.enabled=False` (--no_compilation_cache) turns it off.
 Every program is cached however fast it compiled (JAX's own default skips those under a
-second), so a second start compiles nothing. The folder is capped at MAX_BYTES, the least
-recently used entries evicted first; with a cap JAX also holds a file lock while it reads or
-writes an entry, so processes sharing the folder (pytest's workers, the processes of one host)
-never read one half written. A cache is trusted code: do not share its folder with users you
-do not trust.
+second), so a second start compiles nothing. The folder is capped at MAX_BYTES (unless
+JAX_COMPILATION_CACHE_MAX_SIZE says otherwise, -1 for no cap), the least recently used entries
+evicted first; with a cap JAX also holds a file lock while it reads or writes an entry, so
+processes sharing the folder (the processes of one host) never read one half written, and
+scans the whole folder at every write, a cost that grows with the number of entries. A cache
+is trusted code: do not share its folder with users you do not trust.
 
 `counts()` says how many programs this process compiled and how many it loaded from the
 cache, from JAX's own monitoring events.
@@ -43,7 +44,9 @@ def setup(enabled: bool = True, folder: str = "") -> str | None:
         folder or jax.config.jax_compilation_cache_dir or default_folder()))
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no cap, no lock
+    # JAX's default, -1, is no cap and no lock; an explicit JAX_COMPILATION_CACHE_MAX_SIZE wins
+    if (jax.config.jax_compilation_cache_max_size == -1
+            and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ):
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return folder
 

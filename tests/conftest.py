@@ -20,14 +20,14 @@ def pytest_collection_modifyitems(items):
 def shared_compilation_cache(tmp_path_factory):
     """One persistent JAX compilation cache for the run, in pytest's temporary folder of this
     run (never the user's): its workers and every process a test starts (they inherit the
-    environment) compile the tiny configs' programs once, not once a process. With its size
-    capped JAX locks the folder while it reads or writes an entry (compile_cache.py), so the
-    workers never read one another's half-written entries."""
+    environment) compile the tiny configs' programs once, not once a process. Uncapped: a
+    capped cache scans its folder at every write (compile_cache.py), and the suite writes
+    thousands of programs."""
     run_folder = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         run_folder = run_folder.parent  # shared by the workers
     folder = str(run_folder / "jax_compilation_cache")
     os.environ.update({"JAX_COMPILATION_CACHE_DIR": folder,
                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(compile_cache.MAX_BYTES)})
+                       "JAX_COMPILATION_CACHE_MAX_SIZE": "-1"})
     compile_cache.setup(folder=folder)
