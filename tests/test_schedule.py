@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowgrpo_jax.sampling.schedule import flow_match_schedule
+from flowgrpo_jax.sampling.schedule import (dynamic_shift_schedule, flow_match_schedule,
+                                             resolution_mu)
 
 
 @pytest.mark.parametrize("num_steps", [1, 10, 28, 40])
@@ -38,3 +39,35 @@ def test_spacing_ends_at_shifted_sigma_min(num_steps):
 def test_rejects_bad_arguments(bad):
     with pytest.raises(ValueError):
         flow_match_schedule(**bad)
+
+
+# FLUX.1-dev's scheduler_config.json: the shift follows the image's token count.
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                      base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                      max_shift=1.15)
+
+
+@pytest.mark.parametrize("num_steps, image_tokens", [(1, 256), (10, 1024), (28, 4096), (40, 777)])
+def test_dynamic_shift_matches_diffusers_flux_bit_for_bit(num_steps, image_tokens):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = resolution_mu(image_tokens)
+    assert mu == calculate_shift(image_tokens)
+    reference = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    # as FluxPipeline calls it: its own linear sigmas and mu from the packed latents' length
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    sigmas, timesteps = dynamic_shift_schedule(num_steps, mu=mu)
+    assert sigmas.dtype == timesteps.dtype == np.float32
+    np.testing.assert_array_equal(sigmas, reference.sigmas.numpy())
+    np.testing.assert_array_equal(timesteps, reference.timesteps.numpy())
+
+
+def test_dynamic_shift_is_the_fixed_shift_by_e_to_the_mu():
+    # 512 px FLUX: 1024 packed tokens, mu 0.63; the shifted sigmas are shift_sigmas(u, e^mu)
+    mu = resolution_mu(1024)
+    np.testing.assert_allclose(mu, 0.5 + 0.65 * 768 / 3840, rtol=1e-12)
+    sigmas, _ = dynamic_shift_schedule(10, mu=mu)
+    spaced = np.linspace(1, 0.1, 10)
+    np.testing.assert_allclose(sigmas[:-1], np.exp(mu) * spaced / (1 + (np.exp(mu) - 1) * spaced),
+                               rtol=1e-6)
+    assert sigmas[0] == 1 and sigmas[-1] == 0 and np.all(np.diff(sigmas) < 0)
