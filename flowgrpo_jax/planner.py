@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import hlo_cost, parallel, roofline
+from flowgrpo_jax import hlo_cost, machine, parallel, roofline
 from flowgrpo_jax import programs as programs_lib
 from flowgrpo_jax import update as up
 from flowgrpo_jax.programs import OnMesh, build_run, rescores
@@ -292,7 +292,8 @@ class RunPlan:
                 if result.roofline_seconds > 0:
                     result.mfu = roofline.utilisation(cost.model_flops, result.roofline_seconds,
                                                       self.chip)
-        self.log(f" {result.seconds:.0f} s: {_describe(result, self.memory)}", flush=True)
+        self.log(f" {result.seconds:.0f} s (host peak so far {machine.host_peak_bytes() / 1e9:.2f} GB): "
+                 f"{_describe(result, self.memory)}", flush=True)
         return result
 
 

@@ -74,7 +74,10 @@ def test_a_config_that_cannot_fit_is_told_what_to_change(tmp_path):
         assert knob in message, message
     saved = json.loads(out.read_text())
     assert not saved["fits"] and [p["name"] for p in saved["programs"]] == ["decode", "train step"]
-    assert "compiling train step, 8 per chip" in result.stdout  # a progress line per compile
+    # a progress line per compile, with its seconds and the host memory the compiles took
+    progress = re.search(r"compiling train step, 8 per chip \.\.\. \d+ s \(host peak so far "
+                         r"([\d.]+) GB\)", result.stdout)
+    assert progress and 0.2 < float(progress.group(1)) < 24, result.stdout
 
 
 def test_unknown_programs_are_refused_before_compiling():

@@ -49,6 +49,7 @@ from flax import nnx
 
 from flowgrpo_jax.convert.core import convert, target_shapes
 from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
+from flowgrpo_jax import machine
 from flowgrpo_jax.generator import nnx_velocity
 from flowgrpo_jax.objectives.grpo import grpo_loss
 from flowgrpo_jax.models.abstract import abstract_module
@@ -337,14 +338,6 @@ def _relative_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def _versions() -> dict:
     import diffusers
     import flax
@@ -429,7 +422,7 @@ def run_bench(config: BenchConfig, *, repeats: int, warmup: int, attention: str,
                     loss_step_index=LOSS_STEP, attention=attention, remat=remat, seed=seed),
         device=dict(jax=str(jax.devices()[0].device_kind), jax_backend=jax.default_backend(),
                     torch=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                    cpu=_cpu_model(), cpu_count=len(os.sched_getaffinity(0))),
+                    cpu=machine.cpu_model(), cpu_count=machine.cpu_count()),
         versions=_versions(), torch_threads=torch.get_num_threads(),
         xla_flags=os.environ.get("XLA_FLAGS", ""), repeats=repeats, warmup=warmup,
         times_s=times, median_s=median,
@@ -527,7 +520,7 @@ def main(argv=None) -> int:
               f"timed. Shapes checked with jax.eval_shape: {shapes}", file=sys.stderr)
         return 2
 
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or machine.cpu_count()
     result, _ = run_bench(config, repeats=args.repeats, warmup=args.warmup, attention=args.attention,
                           remat=args.remat, threads=threads)
     result["command"] = " ".join(["python tools/bench.py", *(argv if argv is not None else sys.argv[1:])])

@@ -55,7 +55,7 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
 sys.path[:0] = [ROOT, TOOLS]  # run as a script: the package and bench.py beside it
 
-from flowgrpo_jax import compile_cache  # noqa: E402
+from flowgrpo_jax import compile_cache, machine  # noqa: E402
 from flowgrpo_jax import config as config_lib  # noqa: E402
 from flowgrpo_jax import parallel, planner, roofline  # noqa: E402
 from flowgrpo_jax import programs as programs_lib  # noqa: E402
@@ -340,7 +340,7 @@ def run_bench(size: str, part: Part, *, repeats: int) -> None:
 
     config = bench.CONFIGS[SIZES[size][1]]()
     result, _ = bench.run_bench(config, repeats=repeats, warmup=1, attention="auto",
-                                remat="none", threads=len(os.sched_getaffinity(0)))
+                                remat="none", threads=machine.cpu_count())
     median = result["median_s"]
     part.add(**result, images_per_s={side: round(config.batch / median[f"{side}_rollout"], 3)
                                      for side in ("jax", "torch")})
@@ -365,11 +365,8 @@ def environment() -> dict:
     import jaxlib
 
     device = jax.devices()[0]
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                   platform.processor())
     return {"device": device.device_kind, "platform": device.platform,
-            "devices": jax.device_count(), "cpu": cpu, "cpus": len(os.sched_getaffinity(0)),
+            "devices": jax.device_count(), "cpu": machine.cpu_model(), "cpus": machine.cpu_count(),
             "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__}
 

@@ -14,12 +14,13 @@ A start that compiles nothing shows 0 compiled.
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
+
+from flowgrpo_jax import machine
 
 _FIRST_ROLLOUT = "first rollout chunk done"
 _PROGRAMS = re.compile(r"XLA programs of this process: (\d+) compiled, (\d+) loaded")
@@ -59,12 +60,6 @@ def measure(config_args: list, folder: str, starts: int = 2, env: dict | None = 
     return results
 
 
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                    platform.processor())
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
@@ -88,12 +83,12 @@ def main(argv=None) -> int:
     for i, r in enumerate(results):
         print(f"{i + 1:>5} {r['first_rollout_s']:>18.1f} {r['total_s']:>9.1f} "
               f"{r['compiled']:>9} {r['loaded']:>7}")
-    print(f"config {args.config} {' '.join(overrides)}; {_cpu_model()}, "
-          f"{len(os.sched_getaffinity(0))} CPUs; workdirs and cache in {folder}")
+    print(f"config {args.config} {' '.join(overrides)}; {machine.cpu_model()}, "
+          f"{machine.cpu_count()} CPUs; workdirs and cache in {folder}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"config": args.config, "overrides": overrides, "cpu": _cpu_model(),
-                       "cpus": len(os.sched_getaffinity(0)), "starts": results}, f, indent=2)
+            json.dump({"config": args.config, "overrides": overrides, "cpu": machine.cpu_model(),
+                       "cpus": machine.cpu_count(), "starts": results}, f, indent=2)
     return 0
 
 
