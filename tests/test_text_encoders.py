@@ -19,7 +19,8 @@ from flowgrpo_jax.models import clip_table, t5_table
 from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.convert.core import convert, plan, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
-from flowgrpo_jax.models.clip_text import CLIPTextConfig, CLIPTextModelWithProjection
+from flowgrpo_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel,
+                                           CLIPTextModelWithProjection)
 from flowgrpo_jax.models.t5 import T5Config, T5EncoderModel, relative_position_buckets
 from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
 
@@ -73,20 +74,23 @@ def sd35m(name):
 
 # eos_token_id 2 is transformers' legacy rule: pool at the largest id (EOS is the last token of
 # the vocabulary); SD3's CLIP-L has it. Otherwise pool at the first EOS: here an EOS below BOS,
-# padding with EOS, so the two rules pick different positions.
-@pytest.mark.parametrize("hidden_act,eos_token_id,pad", [("quick_gelu", 2, 0), ("gelu", 95, 95)])
-def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad):
+# padding with EOS, so the two rules pick different positions. FLUX's CLIP-L is CLIPTextModel
+# (its pooled output, no projection), SD3's CLIPTextModelWithProjection.
+@pytest.mark.parametrize("hidden_act,eos_token_id,pad,projected", [
+    ("quick_gelu", 2, 0, True), ("gelu", 95, 95, True), ("quick_gelu", 2, 0, False)])
+def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad, projected):
     config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, projection_dim=24,
                   num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
                   hidden_act=hidden_act, eos_token_id=eos_token_id, bos_token_id=BOS,
                   pad_token_id=pad)
     torch.manual_seed(0)
-    reference = transformers.CLIPTextModelWithProjection(
-        transformers.CLIPTextConfig(**config)).eval()
+    reference_class, ours_class = ((transformers.CLIPTextModelWithProjection,
+                                    CLIPTextModelWithProjection) if projected
+                                   else (transformers.CLIPTextModel, CLIPTextModel))
+    reference = reference_class(transformers.CLIPTextConfig(**config)).eval()
     tensors = saved_random(reference, tmp_path)
-    model = load_converted(
-        CLIPTextModelWithProjection(CLIPTextConfig.from_transformers(config), rngs=nnx.Rngs(0)),
-        tensors, clip_table.RULES)
+    model = load_converted(ours_class(CLIPTextConfig.from_transformers(config), rngs=nnx.Rngs(0)),
+                           tensors, clip_table.RULES)
 
     ids = prompts(77, pad, eos=EOS if eos_token_id == 2 else eos_token_id)
     with torch.no_grad():
@@ -97,8 +101,19 @@ def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad):
     errors = {f"hidden_states[{i}]": rel_l2(a, b.numpy())
               for i, (a, b) in enumerate(zip(ours.hidden_states, expected.hidden_states))}
     errors["last_hidden_state"] = rel_l2(ours.last_hidden_state, expected.last_hidden_state.numpy())
-    errors["text_embeds"] = rel_l2(ours.text_embeds, expected.text_embeds.numpy())
-    print(f"CLIP ({hidden_act}, eos_token_id={eos_token_id}) relative L2 errors: {errors}")
+    if projected:
+        errors["text_embeds"] = rel_l2(ours.text_embeds, expected.text_embeds.numpy())
+    else:
+        assert ours.text_embeds is None
+        errors["pooler_output"] = rel_l2(ours.pooler_output, expected.pooler_output.numpy())
+        # transformers 5 saves this class's keys without "text_model."; FLUX.1-dev's hold it
+        prefixed = {"text_model." + k: tensors[k] for k in tensors.keys()}
+        again = load_converted(ours_class(CLIPTextConfig.from_transformers(config),
+                                          rngs=nnx.Rngs(1)), prefixed, clip_table.RULES)
+        for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
+            np.testing.assert_array_equal(a, b)
+    print(f"{reference_class.__name__} ({hidden_act}, eos_token_id={eos_token_id}) relative L2 "
+          f"errors: {errors}")
     assert all(e < TOLERANCE for e in errors.values()), errors
 
 

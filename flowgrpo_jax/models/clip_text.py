@@ -1,4 +1,6 @@
-"""transformers' `CLIPTextModelWithProjection` (SD3's CLIP-L/14 and CLIP-G/14) in Flax NNX.
+"""transformers' `CLIPTextModel` (FLUX's CLIP-L/14: its pooled output) and
+`CLIPTextModelWithProjection` (SD3's CLIP-L/14 and CLIP-G/14: the pooled output projected) in
+Flax NNX.
 
 Causal self-attention over the tokens, as in transformers; no padding mask (SD3 passes none).
 Module names follow transformers' with the `text_model.encoder` / `text_model.embeddings`
@@ -63,7 +65,8 @@ class CLIPTextConfig:
 class CLIPTextOutput(NamedTuple):
     hidden_states: tuple  # the embeddings, then every layer's output (before the final norm)
     last_hidden_state: jax.Array  # final layer norm of hidden_states[-1]
-    text_embeds: jax.Array  # text_projection of last_hidden_state at the EOS token
+    pooler_output: jax.Array  # last_hidden_state at the EOS token
+    text_embeds: jax.Array | None  # text_projection of pooler_output (None: CLIPTextModel)
 
 
 def _linear(cin, cout, names, *, rngs, param_dtype, dtype, use_bias=True):
@@ -126,7 +129,7 @@ class CLIPEncoderLayer(nnx.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPTextModelWithProjection(nnx.Module):
+class CLIPTextModel(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                  dtype=jnp.float32):
         self.config = config
@@ -136,8 +139,6 @@ class CLIPTextModelWithProjection(nnx.Module):
         self.layers = nnx.List([CLIPEncoderLayer(config, **kw)
                                 for _ in range(config.num_hidden_layers)])
         self.final_layer_norm = _layer_norm(config, **kw)
-        self.text_projection = _linear(config.hidden_size, config.projection_dim, ("embed", "mlp"),
-                                       use_bias=False, **kw)
 
     def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
         """input_ids: (batch, length) integer tokens, length <= max_position_embeddings."""
@@ -154,7 +155,6 @@ class CLIPTextModelWithProjection(nnx.Module):
             return x, x
 
         x, outputs = layer_stack.apply_layers(self.layers, x, step, scan=self.config.scan_layers)
-        hidden_states = [x0, *outputs]
         last = self.final_layer_norm(x)
 
         if self.config.eos_token_id == _LEGACY_EOS_TOKEN_ID:
@@ -162,4 +162,17 @@ class CLIPTextModelWithProjection(nnx.Module):
         else:  # the first EOS: padding may reuse the EOS token
             eos_position = jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
         pooled = last[jnp.arange(input_ids.shape[0]), eos_position]
-        return CLIPTextOutput(tuple(hidden_states), last, self.text_projection(pooled))
+        return CLIPTextOutput((x0, *outputs), last, pooled, None)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 dtype=jnp.float32):
+        super().__init__(config, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.text_projection = _linear(config.hidden_size, config.projection_dim, ("embed", "mlp"),
+                                       use_bias=False, rngs=rngs, param_dtype=param_dtype,
+                                       dtype=dtype)
+
+    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+        out = super().__call__(input_ids)
+        return out._replace(text_embeds=self.text_projection(out.pooler_output))
