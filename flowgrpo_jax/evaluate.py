@@ -47,7 +47,6 @@ from flowgrpo_jax.programs import abstract_state, build_trainable_model
 from flowgrpo_jax.prompts import PromptSet, load_prompts
 from flowgrpo_jax.rewards import registry
 from flowgrpo_jax.sampling.rollout import rollout
-from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
 
 @dataclasses.dataclass
@@ -136,7 +135,7 @@ def ode_images(model: Model, prompts: list[str], noise: jax.Array, *, num_steps:
                guidance_scale: float) -> np.ndarray:
     """uint8 images from initial `noise` (B, *latent_shape) by the ODE sampler with CFG."""
     generator = model.generator
-    sigmas, _ = flow_match_schedule(num_steps, shift=generator.shift)
+    sigmas = generator.sigmas(num_steps)
     uncond = generator.encode([model.family.negative_prompt]) if guidance_scale > 1 else None
     out = rollout(model.velocity_fn, model.params, noise, generator.encode(prompts), sigmas,
                   key=jax.random.key(0), kind="ode", noise_level=0.0,

@@ -17,7 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
+
+from flowgrpo_jax.sampling.schedule import flow_match_schedule
 
 
 @dataclasses.dataclass
@@ -38,7 +41,16 @@ class Generator:
     # One prompt's tokens as jax.ShapeDtypeStructs (no batch dim), the structure of tokenize's.
     token_shapes: Any
     latent_shape: tuple  # (H, W, C) of the latents at the configured resolution
-    shift: float = 3.0  # the flow-match schedule's shift
+    shift: float = 3.0  # the flow-match schedule's fixed shift (sampling/schedule.py)
+    # sigmas(num_steps) -> float32 (num_steps + 1,) from 1 to 0, for a family whose schedule is
+    # not the fixed shift (FLUX: shifted by the image's token count); None: the fixed shift.
+    schedule: Callable[[int], np.ndarray] | None = None
+
+    def sigmas(self, num_steps: int) -> np.ndarray:
+        """The sampling schedule of `num_steps` steps: sigma_0 = 1, ..., sigma_N = 0."""
+        if self.schedule is not None:
+            return self.schedule(num_steps)
+        return flow_match_schedule(num_steps, shift=self.shift)[0]
 
     def encode(self, prompts):
         """Text conditioning of `prompts`, jitted on the default device."""

@@ -306,7 +306,7 @@ def build_run(config, devices=None, *, abstract: bool = False) -> Run:
             state = up.create_population_state(trainables, optimizer, mesh, hypers, objective)
         else:
             state = up.create_train_state(trainable, optimizer, mesh, hypers[0], objective)
-    sigmas = flow_match_schedule(s.num_steps, shift=generator.shift)[0]
+    sigmas = generator.sigmas(s.num_steps)
     settings = settings_for(config, sigmas)
     return Run(
         config=config, mesh=mesh, family=family, generator=generator, objective=objective,
@@ -314,7 +314,7 @@ def build_run(config, devices=None, *, abstract: bool = False) -> Run:
         members=members, member_state=member_state,
         encoder=_placed_state(generator.encoder, "encoder", place, abstract),
         decoder=_placed_state(generator.decoder, "decoder", place, abstract),
-        sigmas=sigmas, eval_sigmas=flow_match_schedule(s.eval_num_steps, shift=generator.shift)[0],
+        sigmas=sigmas, eval_sigmas=generator.sigmas(s.eval_num_steps),
         window=Window(s.window_size, s.window_lo, s.window_hi) if s.window_size else None,
         programs=build_programs(generator, objective, model.velocity, optimizer, settings, mesh,
                                 state=member_state, frozen=frozen, reference=reference,

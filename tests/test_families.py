@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from flowgrpo_jax import config as config_lib
-from flowgrpo_jax import families
+from flowgrpo_jax import families, programs
 from flowgrpo_jax.train import train
 from train_runs import ROOT, checkpoint_params, checkpoint_steps, train_env
 
@@ -56,6 +57,9 @@ def test_a_family_from_outside_the_package_trains_after_one_registry_line(tmp_pa
     config.reward.rewards = "brightness:1.0"
     config.lora.enabled, config.lora.targets = True, ()  # LoRA where the family puts it
     config.num_epochs, config.eval_every = 1, 0
+    run = programs.build_run(config, abstract=True)  # its own schedule reaches the programs
+    np.testing.assert_array_equal(run.sigmas, np.linspace(1, 0, config.sample.num_steps + 1))
+    np.testing.assert_array_equal(run.eval_sigmas, np.linspace(1, 0, config.sample.eval_num_steps + 1))
     history = train(config, str(tmp_path))
     (epoch,) = [m for m in history if "train/loss" in m]
     assert math.isfinite(epoch["train/loss"]) and math.isfinite(epoch["reward/total_mean"])

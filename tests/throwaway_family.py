@@ -49,6 +49,11 @@ def to_images(_, latents):
     return jnp.round((jnp.clip(latents, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
+def linear_schedule(num_steps):
+    """Its own sampling schedule, unshifted: a family may bring one (Generator.schedule)."""
+    return np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float32)
+
+
 def build(model_config, *, remat="none", place=None, abstract=False) -> Generator:
     del remat, place
     make = lambda: (Velocity(nnx.Rngs(0)), TextEncoder(nnx.Rngs(1)))
@@ -56,7 +61,7 @@ def build(model_config, *, remat="none", place=None, abstract=False) -> Generato
     return Generator(model=velocity, apply=apply, encoder=encoder, tokenize=tokenize,
                      encode_tokens=encode, decoder=None, decode_latents=to_images,
                      token_shapes=jax.ShapeDtypeStruct((LENGTH,), jnp.int32),
-                     latent_shape=(SIZE, SIZE, CHANNELS), shift=1.0)
+                     latent_shape=(SIZE, SIZE, CHANNELS), schedule=linear_schedule)
 
 
 FAMILY = Family(build=build, trainable=nnx.Param, lora_targets=(r"proj",))
