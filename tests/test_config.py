@@ -48,7 +48,7 @@ def test_model_keys_are_checked_by_their_family():
     config = _load("sd35m_geneval", "tiny")
     config.model.family = "sd4"
     with pytest.raises(config_lib.ConfigError, match=r"config.model.family='sd4': must name a "
-                       r"model family, one of \['sd3', 'toy'"):
+                       r"model family, one of \['flux', 'sd3', 'toy'"):
         config_lib.validate(config, 1)
     for key, value in (("attention", "flash"), ("dtype", "float8")):
         model = _load("sd35m_geneval", "tiny").model

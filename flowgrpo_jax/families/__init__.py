@@ -10,6 +10,7 @@ from flowgrpo_jax.generator import Family
 
 # name -> module holding FAMILY
 FAMILIES = {
+    "flux": "flowgrpo_jax.families.flux",
     "sd3": "flowgrpo_jax.families.sd3",
     "toy": "flowgrpo_jax.families.toy",
 }
