@@ -7,12 +7,12 @@
 
 Reproduces the reference's config/grpo.py:geneval_flux_fast, its only FLUX GenEval run: 6 steps
 with the CPS SDE at noise 0.8 only in a 3-step window starting in steps 0-2 (28 ODE steps at
-evaluation), clip 1e-5, 512 px, the model's distilled guidance 3.5 and no CFG, groups of 24
-images of 48 prompts an epoch, two updates an epoch, no KL, the EMA. GenEval trains strict and
-evaluates with only_strict=0, as configs/sd35m_geneval.py. Variants
-(flowgrpo_jax/families/flux/configs.py): ":nft", ":guard", ":tiny" (a tiny FLUX-style pipeline
-on CPU, given as --config.model.path; reward brightness, an offline stand-in); ":fast" is the
-default already.
+evaluation), clip 1e-5, 512 px, 128 T5 tokens, the model's distilled guidance 3.5 and no CFG,
+groups of 24 images of 48 prompts an epoch, two updates an epoch, no KL, LoRA r64 alpha 128,
+the EMA every 8 updates. GenEval trains strict and evaluates with only_strict=0, as
+configs/sd35m_geneval.py. Variants (flowgrpo_jax/families/flux/configs.py): ":nft", ":guard",
+":tiny" (a tiny FLUX-style pipeline on CPU, given as --config.model.path; reward brightness, an
+offline stand-in); ":fast" is the default already.
 """
 import ml_collections
 

@@ -6,11 +6,12 @@
         --config.reward.options.pickscore.model=/models/PickScore_v1
 
 Reproduces the reference's config/grpo.py:pickscore_flux: 6 SDE steps at noise 0.9 (28 ODE
-steps at evaluation), 512 px, the model's distilled guidance 3.5 and no CFG, groups of 24 images
-of 48 prompts an epoch, two updates an epoch, no KL, the EMA. Variants
-(flowgrpo_jax/families/flux/configs.py): ":fast" (the reference's pickscore_flux_fast: the CPS
-window, clip 1e-5, per-group advantage std), ":nft", ":guard", ":tiny" (a tiny FLUX-style
-pipeline on CPU, given as --config.model.path; reward brightness, an offline stand-in).
+steps at evaluation), 512 px, 128 T5 tokens, the model's distilled guidance 3.5 and no CFG,
+groups of 24 images of 48 prompts an epoch, two updates an epoch, no KL, LoRA r64 alpha 128,
+the EMA every 8 updates. Variants (flowgrpo_jax/families/flux/configs.py): ":fast" (the
+reference's pickscore_flux_fast: the CPS window, clip 1e-5, per-group advantage std), ":nft",
+":guard", ":tiny" (a tiny FLUX-style pipeline on CPU, given as --config.model.path; reward
+brightness, an offline stand-in).
 """
 import ml_collections
 

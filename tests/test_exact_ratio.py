@@ -38,7 +38,9 @@ def _on_policy(metrics) -> tuple:
                  for name in ("ratio_min", "ratio_max", "clipfrac", "approx_kl"))
 
 
-@pytest.mark.parametrize("remat", POLICIES)
+# The default policy in make test, the others in the slow suite.
+@pytest.mark.parametrize("remat", [p if p == "block" else pytest.param(p, marks=pytest.mark.slow)
+                                   for p in POLICIES])
 def test_the_first_update_of_a_bf16_epoch_has_ratio_one(tiny_sd3_folder, tmp_path, remat):
     metrics = _first_epoch(_sd3(tiny_sd3_folder, "bfloat16", remat=remat), tmp_path)
     assert _on_policy(metrics) == (1.0, 1.0, 0.0, 0.0)

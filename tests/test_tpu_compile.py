@@ -5,8 +5,8 @@ dual-attention one and the context_pre_only last one) at the real 512 px and 128
 shapes, through the planner's RunPlan, i.e. the trainer's own programs: the LoRA train step
 (CFG, 9 trained steps, per-block remat) at 2 images per chip and a rollout chunk at 8. Each must
 fit a 16 GiB chip, run attention in the TPU kernel (Mosaic custom calls, no XLA softmax), and
-move no activations between chips under data parallelism (no all-gather). The rollout and the
-full depth are in the slow suite (tests/test_plan.py).
+move no activations between chips under data parallelism (no all-gather). Slow suite, as the
+full depth (tests/test_plan.py).
 """
 import importlib.util
 import pathlib
@@ -43,10 +43,11 @@ def _compile(tmp_path, name):
     return run, run.compile(name, PER_CHIP[name], program, keep_hlo=True)
 
 
-# One test a program, so that a parallel run compiles them on two workers at once. The rollout
-# is in the slow suite: its program is compiled for a TPU slice at the toy size by
-# tests/test_plan.py, and at full depth beside the train step by the slow planner test.
-@pytest.mark.parametrize("name", [pytest.param("rollout", marks=pytest.mark.slow), "train step"])
+# One test a program, so that a parallel run compiles them on two workers at once. Both are in
+# the slow suite (minutes each on 2 cores): in make test, tests/test_plan.py compiles the toy
+# run's programs for TPU slices (the splash kernel, no collectives in a population's rollout).
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PER_CHIP))
 def test_fits_a_v5e_chip_with_the_tpu_kernel_and_no_activation_gathers(tmp_path, name):
     run, result = _compile(tmp_path, name)
     print(f"{name}: {result.total / planner.GiB:.2f} GiB per chip of {run.memory / planner.GiB:.2f}")

@@ -52,7 +52,7 @@ def _as_list(prompts, what: str) -> list[str]:
 
 def tokenize(pipeline: FluxPipeline, prompts, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> PromptTokens:
     """Host step, as FluxPipeline: CLIP padded / truncated to its tokenizer's model_max_length
-    (77), T5 to `max_sequence_length` (at most 512; Flow-GRPO's FLUX runs use 512)."""
+    (77), T5 to `max_sequence_length` (at most 512; Flow-GRPO's FLUX runs use 128)."""
     prompts = _as_list(prompts, "prompts")
     if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
         raise ValueError(f"max_sequence_length must be in 1..{MAX_SEQUENCE_LENGTH}, "
