@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from flowgrpo_jax.config import ConfigError
 from flowgrpo_jax.families.flux.loading import abstract_pipeline, load_pipeline
 from flowgrpo_jax.families.flux.pipeline import (MAX_SEQUENCE_LENGTH, PATCH, PromptTokens,
-                                                 decoded_uint8, guided_apply, latent_shape,
-                                                 schedule, text_embeddings, tokenize)
+                                                 guided_apply, latent_shape, schedule,
+                                                 text_embeddings, tokenize)
+from flowgrpo_jax.families.vae_images import decoded_uint8
 from flowgrpo_jax.generator import Family, Generator, TorchCounterpart
 from flowgrpo_jax.models import attention, flux, flux_table
 from flowgrpo_jax.models.components import resolve_component_dir

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowgrpo_jax.families import vae_images
 from flowgrpo_jax.families.flux.loading import FluxPipeline, SchedulerConfig
+from flowgrpo_jax.families.vae_images import to_uint8
 from flowgrpo_jax.generator import nnx_velocity
 from flowgrpo_jax.sampling.rollout import SAMPLERS, TIMESTEP_SCALE, rollout
 from flowgrpo_jax.sampling.schedule import dynamic_shift_schedule, resolution_mu
@@ -215,33 +217,9 @@ def sample_latents(pipeline: FluxPipeline, prompts, *, steps: int, guidance: flo
     return out.final_latents
 
 
-def decoded_images(vae, latents) -> jax.Array:
-    """Pure: diffusion latents (B, h, w, 16) -> float32 NHWC images in [0, 1] (FluxPipeline's
-    output_type="np": latents / scaling_factor + shift_factor, VAE decode, images/2 + 0.5
-    clamped)."""
-    images = vae.decode_latents(latents)  # undoes the scaling and shift; the VAE's compute dtype
-    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-
-
-def decoded_uint8(vae, latents) -> jax.Array:
-    """Pure: `decoded_images` as uint8, rounded like diffusers' numpy_to_pil (`to_uint8`)."""
-    return jnp.round(decoded_images(vae, latents) * 255).astype(jnp.uint8)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode(graphdef, state, latents):
-    return decoded_images(nnx.merge(graphdef, state), latents)
-
-
 def decode(pipeline: FluxPipeline, latents) -> jax.Array:
-    """Jitted `decoded_images` of the pipeline's VAE."""
-    graphdef, state = nnx.split(pipeline.vae)
-    return _decode(graphdef, state, jnp.asarray(latents))
-
-
-def to_uint8(images) -> np.ndarray:
-    """[0, 1] float images -> uint8, rounded like diffusers' numpy_to_pil."""
-    return np.round(np.asarray(images, np.float32) * 255).astype(np.uint8)
+    """Jitted float32 NHWC images in [0, 1] of the pipeline's VAE (families/vae_images.py)."""
+    return vae_images.decode(pipeline.vae, latents)
 
 
 def sample(pipeline: FluxPipeline, prompts, *, steps: int = 28, guidance: float = 3.5, seed=None,

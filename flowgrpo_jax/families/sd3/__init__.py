@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from flowgrpo_jax.config import ConfigError
 from flowgrpo_jax.families.sd3.loading import abstract_pipeline, load_pipeline
-from flowgrpo_jax.families.sd3.pipeline import (PromptTokens, apply_transformer, decoded_uint8,
+from flowgrpo_jax.families.sd3.pipeline import (PromptTokens, apply_transformer,
                                                 latent_shape, text_embeddings, tokenize)
+from flowgrpo_jax.families.vae_images import decoded_uint8
 from flowgrpo_jax.generator import Family, Generator, TorchCounterpart
 from flowgrpo_jax.models import attention, mmdit, mmdit_table
 from flowgrpo_jax.models.components import resolve_component_dir

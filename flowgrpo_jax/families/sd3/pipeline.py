@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowgrpo_jax.families import vae_images
 from flowgrpo_jax.families.sd3.loading import SD3Pipeline
+from flowgrpo_jax.families.vae_images import to_uint8
 from flowgrpo_jax.generator import nnx_velocity
 from flowgrpo_jax.sampling.rollout import SAMPLERS, rollout
 from flowgrpo_jax.sampling.schedule import flow_match_schedule
@@ -172,32 +174,9 @@ def sample_latents(pipeline: SD3Pipeline, prompts, *, steps: int, guidance: floa
     return out.final_latents
 
 
-def decoded_images(vae, latents) -> jax.Array:
-    """Pure: diffusion latents (B, h, w, 16) -> float32 NHWC images in [0, 1] (diffusers'
-    output_type="np": undo scaling and shift, VAE decode, images/2 + 0.5 clamped)."""
-    images = vae.decode_latents(latents)  # the VAE casts to its compute dtype
-    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-
-
-def decoded_uint8(vae, latents) -> jax.Array:
-    """Pure: `decoded_images` as uint8, rounded like diffusers' numpy_to_pil (`to_uint8`)."""
-    return jnp.round(decoded_images(vae, latents) * 255).astype(jnp.uint8)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode(graphdef, state, latents):
-    return decoded_images(nnx.merge(graphdef, state), latents)
-
-
 def decode(pipeline: SD3Pipeline, latents) -> jax.Array:
-    """Jitted `decoded_images` of the pipeline's VAE."""
-    graphdef, state = nnx.split(pipeline.vae)
-    return _decode(graphdef, state, jnp.asarray(latents))
-
-
-def to_uint8(images) -> np.ndarray:
-    """[0, 1] float images -> uint8, rounded like diffusers' numpy_to_pil."""
-    return np.round(np.asarray(images, np.float32) * 255).astype(np.uint8)
+    """Jitted float32 NHWC images in [0, 1] of the pipeline's VAE (families/vae_images.py)."""
+    return vae_images.decode(pipeline.vae, latents)
 
 
 def sample(pipeline: SD3Pipeline, prompts, *, steps: int = 40, guidance: float = 4.5, seed=None,
