@@ -22,6 +22,7 @@ from PIL import Image
 
 from flowgrpo_jax import compile_cache
 from flowgrpo_jax.convert import hub
+from flowgrpo_jax.families import pipeline_folder
 from flowgrpo_jax.logging_utils import image_grid
 from flowgrpo_jax.sampling.rollout import SAMPLERS
 
@@ -51,13 +52,7 @@ PIPELINES = {
 def pipeline_kind(path: str) -> PipelineKind:
     """The PipelineKind of a converted pipeline folder (or cached Hub id), from the
     `_class_name` of its model_index.json; OSError / ValueError in one line otherwise."""
-    path = hub.local_path(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such directory")
-    index_path = os.path.join(path, "model_index.json")
-    if not os.path.exists(index_path):
-        raise FileNotFoundError(f"{path}: not a converted pipeline folder (no model_index.json); "
-                                f"convert a diffusers download with tools/convert_weights.py")
+    index_path = pipeline_folder.index_file(hub.local_path(path))
     with open(index_path) as f:
         try:
             class_name = json.load(f).get("_class_name")

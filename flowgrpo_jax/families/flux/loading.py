@@ -1,6 +1,5 @@
 """A FLUX.1 pipeline read from a converted folder: its nets, tokenizers and schedule settings."""
 import functools
-import json
 import os
 from typing import NamedTuple
 
@@ -8,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowgrpo_jax.convert import hub
+from flowgrpo_jax.families.pipeline_folder import load_tokenizer, read_index, read_json
 from flowgrpo_jax.models.components import component_by_kind, load_component, read_component_info
 
 # The component configs of black-forest-labs/FLUX.1-dev, for shapes without weights: one
@@ -17,9 +17,6 @@ FLUX1_DEV_CONFIGS = os.path.join(os.path.dirname(__file__), "flux1dev")
 _MODELS = {"transformer": "flux_transformer", "vae": "vae", "text_encoder": "clip_text_model",
            "text_encoder_2": "t5_encoder"}
 _REQUIRED = (*_MODELS, "tokenizer", "tokenizer_2", "scheduler")
-# Tokenizer classes loaded by name from model_index.json; named classes (not AutoTokenizer,
-# which imports torch) keep the library torch-free.
-TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 # Scheduler options that change the sigmas, with the values this port implements (diffusers'
 # defaults, and FLUX.1's settings).
@@ -61,24 +58,10 @@ class FluxPipeline(NamedTuple):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _load_tokenizer(folder: str, class_name: str):
-    import transformers  # only here: the rest of the library does not need it
-
-    if class_name not in TOKENIZER_CLASSES:
-        raise ValueError(f"{folder}: tokenizer class {class_name!r} not supported; "
-                         f"expected one of {TOKENIZER_CLASSES}")
-    return getattr(transformers, class_name).from_pretrained(folder)
-
-
 def read_scheduler(path: str) -> SchedulerConfig:
     """The settings of a scheduler config file, refusing (in one line) any scheduler but
     FlowMatchEulerDiscreteScheduler with resolution-dependent (dynamic) shifting."""
-    config = _read_json(path)
+    config = read_json(path)
     if config.get("_class_name") != SCHEDULER_CLASS:
         raise ValueError(f"{path}: scheduler {config.get('_class_name')!r} not supported; FLUX "
                          f"sampling needs {SCHEDULER_CLASS} with use_dynamic_shifting")
@@ -104,18 +87,7 @@ def read_scheduler(path: str) -> SchedulerConfig:
 
 def _read_index(path: str) -> dict:
     """model_index.json's entries of a converted pipeline folder, after checking them."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such directory")
-    index_path = os.path.join(path, "model_index.json")
-    if not os.path.exists(index_path):
-        raise FileNotFoundError(f"{path}: not a converted pipeline folder (no model_index.json); "
-                                f"convert a diffusers download with tools/convert_weights.py")
-    index = {name: spec for name, spec in _read_json(index_path).items()
-             if not name.startswith("_") and isinstance(spec, list) and spec[1] is not None}
-    missing = [name for name in _REQUIRED if name not in index]
-    if missing:
-        raise ValueError(f"{path}: model_index.json lacks {missing}, needed for FLUX sampling")
-    return index
+    return read_index(path, _REQUIRED, "FLUX sampling")
 
 
 def load_transformer(path: str, dtype=jnp.float32, compute_dtype=None, shardings=None, options=None):
@@ -148,7 +120,7 @@ def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None, shardings=No
         return load_component(path, _MODELS[name], name, dtype, compute_dtype, placement, options)
 
     def tokenizer(name):
-        return _load_tokenizer(os.path.join(path, name), index[name][1])
+        return load_tokenizer(os.path.join(path, name), index[name][1])
 
     return FluxPipeline(*(model(name) for name in _MODELS), tokenizer=tokenizer("tokenizer"),
                         tokenizer_2=tokenizer("tokenizer_2"), scheduler=scheduler)
@@ -159,7 +131,7 @@ def abstract_pipeline(path: str | None = None, dtype=jnp.float32, compute_dtype=
     """The pipeline's models as shapes only (no weights read) and no tokenizers: from a
     converted pipeline folder's configs, or with `path` None FLUX.1-dev's (flux1dev/)."""
     if path is None:
-        configs = {name: _read_json(os.path.join(FLUX1_DEV_CONFIGS, name, "config.json"))
+        configs = {name: read_json(os.path.join(FLUX1_DEV_CONFIGS, name, "config.json"))
                    for name in _MODELS}
         scheduler = os.path.join(FLUX1_DEV_CONFIGS, "scheduler.json")
     else:

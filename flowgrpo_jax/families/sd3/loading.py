@@ -1,6 +1,5 @@
 """An SD3 / SD3.5 pipeline read from a converted folder: its nets, tokenizers and schedule."""
 import functools
-import json
 import os
 from typing import NamedTuple
 
@@ -8,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowgrpo_jax.convert import hub
+from flowgrpo_jax.families.pipeline_folder import load_tokenizer, read_index, read_json
 from flowgrpo_jax.models.components import component_by_kind, load_component, read_component_info
 
 # The component configs of stabilityai/stable-diffusion-3.5-medium, for shapes without weights.
@@ -61,29 +61,12 @@ class SD3Pipeline(NamedTuple):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-# Tokenizer classes loaded by name from model_index.json; named classes (not AutoTokenizer,
-# which imports torch) keep the library torch-free.
-TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 _REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
              "scheduler")
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _load_tokenizer(folder: str, class_name: str):
-    import transformers  # only here: the rest of the library does not need it
-
-    if class_name not in TOKENIZER_CLASSES:
-        raise ValueError(f"{folder}: tokenizer class {class_name!r} not supported; "
-                         f"expected one of {TOKENIZER_CLASSES}")
-    return getattr(transformers, class_name).from_pretrained(folder)
-
-
 def _load_scheduler(path: str) -> SchedulerConfig:
-    config = _read_json(path)
+    config = read_json(path)
     if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
         raise ValueError(f"{path}: scheduler {config.get('_class_name')!r} not supported; "
                          f"only FlowMatchEulerDiscreteScheduler")
@@ -95,17 +78,7 @@ def _load_scheduler(path: str) -> SchedulerConfig:
 
 def _read_index(path: str) -> dict:
     """model_index.json's entries of a converted pipeline folder, after checking them."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such directory")
-    index_path = os.path.join(path, "model_index.json")
-    if not os.path.exists(index_path):
-        raise FileNotFoundError(f"{path}: not a converted pipeline folder (no model_index.json); "
-                                f"convert a diffusers download with tools/convert_weights.py")
-    index = {name: spec for name, spec in _read_json(index_path).items()
-             if not name.startswith("_") and isinstance(spec, list) and spec[1] is not None}
-    missing = [name for name in _REQUIRED if name not in index]
-    if missing:
-        raise ValueError(f"{path}: model_index.json lacks {missing}, needed for SD3 sampling")
+    index = read_index(path, _REQUIRED, "SD3 sampling")
     if ("text_encoder_3" in index) != ("tokenizer_3" in index):
         raise ValueError(f"{path}: text_encoder_3 and tokenizer_3 must be present together")
     return index
@@ -134,7 +107,7 @@ def load_pipeline(path: str, dtype=jnp.float32, compute_dtype=None, shardings=No
         return load_component(path, _MODELS[name], name, dtype, compute_dtype, placement, options)
 
     def tokenizer(name):
-        return _load_tokenizer(os.path.join(path, name), index[name][1]) if name in index else None
+        return load_tokenizer(os.path.join(path, name), index[name][1]) if name in index else None
 
     return SD3Pipeline(
         *(model(name) for name in _MODELS),
@@ -148,7 +121,7 @@ def abstract_pipeline(path: str | None = None, dtype=jnp.float32, compute_dtype=
     """The pipeline's models as shapes only (nnx.eval_shape), no weights read and no tokenizers:
     from a converted pipeline folder's configs, or with `path` None SD3.5 Medium's."""
     if path is None:
-        configs = {name: _read_json(os.path.join(SD35M_CONFIGS, f"{name}.json")) for name in _MODELS}
+        configs = {name: read_json(os.path.join(SD35M_CONFIGS, f"{name}.json")) for name in _MODELS}
         scheduler = os.path.join(SD35M_CONFIGS, "scheduler.json")
     else:
         path = hub.local_path(path)
