@@ -19,6 +19,7 @@ def run_ablate(*args, timeout=300):
                           env=train_env())
 
 
+@pytest.mark.slow  # the suite's budget: ablate's tables and plots also come from the population test
 def test_two_point_grid_runs_tables_and_plots(tmp_path):
     model = make_tiny_model(tmp_path / "model")
     out = tmp_path / "ablate"

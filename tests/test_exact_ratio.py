@@ -55,6 +55,7 @@ def test_rollout_log_probs_leave_the_clip_in_bf16_and_the_trainer_warns(tiny_sd3
     assert len(warning) == 1 and "train.exact_ratio=True" in warning[0], warning
 
 
+@pytest.mark.slow  # the suite's budget: the toy family's bf16 exact ratios also in tests/test_objectives_train.py
 def test_the_toy_family_in_bf16_has_ratio_one(tmp_path):
     config = config_lib.load_file("configs/toy_geneval.py:tiny")
     config.model.path = make_tiny_model(tmp_path / "model")

@@ -81,6 +81,7 @@ def tiny_sd3_folder(tmp_path_factory):
     return saved_and_converted(tmp_path_factory)[2]
 
 
+@pytest.mark.slow  # the suite's budget: the SD3 family trains in make test in tests/test_objectives_train.py
 def test_the_sd3_family_trains_two_epochs_from_a_shipped_config(tiny_sd3_folder, tmp_path):
     """sd35m_pickscore.py:tiny with another reward than its own: its pickscore options stay
     unused, as they must."""
