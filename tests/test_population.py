@@ -175,7 +175,11 @@ def test_wandb_logs_one_run_per_member_in_the_population_group(toy_model, tmp_pa
     for name in ("seed=0", "seed=1"):
         runs = glob.glob(str(tmp_path / "lr_sweep" / name / "tensorboard" / "wandb" / "offline-run-*"))
         assert len(runs) == 1, runs
-        record = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
+        # wandb's own service process writes the record: it may land after train() returns
+        record, deadline = b"", time.monotonic() + 60
+        while not (b"lr_sweep" in record and name.encode() in record) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            record = open(glob.glob(os.path.join(runs[0], "*.wandb"))[0], "rb").read()
         assert b"lr_sweep" in record and name.encode() in record  # its group and its name
 
 
