@@ -30,6 +30,7 @@ from flax import nnx
 
 from flowgrpo_jax import remat
 from flowgrpo_jax.models import layer_stack
+from flowgrpo_jax.models.diffusers_config import architecture_values
 from flowgrpo_jax.models.attention import IMPLEMENTATIONS, attention
 from flowgrpo_jax.models.mmdit import (TIMESTEP_CHANNELS, AdaLNModulation, FeedForward, MLPEmbedder,
                                        RMSNorm, _layer_norm, _linear, _modulate)
@@ -90,22 +91,9 @@ class FluxConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping, *, remat: str = "none", attention_impl: str = "auto",
                        scan_layers: bool = True) -> "FluxConfig":
-        """Reads a diffusers `FluxTransformer2DModel` config.json dict.
-
-        Bookkeeping keys (`_class_name`, `_diffusers_version`, ...) are ignored; an unknown
-        architecture key or a missing required one is an error, so no setting is silently lost.
-        """
-        class_name = config.get("_class_name", DIFFUSERS_CLASS)
-        if class_name != DIFFUSERS_CLASS:
-            raise ValueError(f"config is for {class_name!r}, not {DIFFUSERS_CLASS!r}")
-        keys = {f.name for f in dataclasses.fields(cls)} - {"remat", "attention_impl", "scan_layers"}
-        unknown = sorted(k for k in config if k not in keys and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"unknown keys in the {DIFFUSERS_CLASS} config: {unknown}")
-        values = {**_OPTIONAL_DIFFUSERS_KEYS, **{k: config[k] for k in keys if k in config}}
-        missing = sorted(keys - values.keys())
-        if missing:
-            raise ValueError(f"the {DIFFUSERS_CLASS} config lacks required keys {missing}")
+        """Reads a diffusers `FluxTransformer2DModel` config.json dict, strictly
+        (models/diffusers_config.py)."""
+        values = architecture_values(cls, config, DIFFUSERS_CLASS, _OPTIONAL_DIFFUSERS_KEYS)
         return cls(**values, remat=remat, attention_impl=attention_impl, scan_layers=scan_layers)
 
 
