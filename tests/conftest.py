@@ -5,12 +5,6 @@ import pytest
 
 from flowgrpo_jax import compile_cache
 
-# The suite's CPU programs are tiny and compiled thousands of times: LLVM's optimisation passes
-# cost a fifth of the suite's time and change no number (XLA's own passes, which decide the
-# numerics, still run; the TPU compiler ignores the flag). Processes the tests start inherit it.
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                    "--xla_backend_optimization_level=0"]).strip()
-
 # The longest files run first, so the two workers do not end with one of them compiling for a
 # TPU alone while the other has nothing left.
 LONGEST_FIRST = ("test_tpu_compile.py", "test_train_distributed.py", "test_gpu_check.py",

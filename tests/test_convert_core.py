@@ -23,7 +23,6 @@ from flowgrpo_jax.convert.safetensors_io import (CheckpointError, SafetensorsFol
                                                  read_tensor)
 from flowgrpo_jax.convert.store import (ComponentLoadError, load_params, read_component_info,
                                        save_component)
-from train_runs import train_env
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -278,7 +277,8 @@ def check_sharded_loading_on_8_devices(folder):
 
 
 def test_sharded_loading_on_8_fake_devices(tmp_path):
-    env = dict(train_env(8), PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                    [os.path.dirname(TESTS), TESTS, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env,
                             capture_output=True, text=True, timeout=300)

@@ -13,13 +13,13 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from flowgrpo_jax import parallel
-from train_runs import train_env
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run_on_8_devices(script):
-    env = dict(train_env(8),
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
                             timeout=600)

@@ -40,10 +40,9 @@ def train_command(workdir, model, *overrides) -> list:
 
 
 def train_env(devices: int = 1) -> dict:
-    """This environment on `devices` CPU devices (XLA_FLAGS only takes effect before JAX
-    starts), keeping the suite's other XLA flags (conftest.py)."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
 
 
 def run_train(workdir, model, *overrides, devices: int = 1, timeout: int = 300):
