@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from flowgrpo_jax import families
-from flowgrpo_jax.families.toy import latents_to_images
+from flowgrpo_jax.families.toy.family import latents_to_images
 from flowgrpo_jax.families.toy import model as toy_model
 from flowgrpo_jax.families.toy import pretrain
 from flowgrpo_jax.families.toy.prompts import DATA_DIR, load_metadata
