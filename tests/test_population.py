@@ -131,6 +131,9 @@ def test_a_full_fine_tuning_population_trains_with_each_objective(toy_model, tmp
             assert "old_params" in state["extra"]
 
 
+# The suite's budget (slow suite): make test compiles the sharded population for a TPU in
+# tests/test_plan.py and trains on 8 fake devices in tests/test_parallel.py.
+@pytest.mark.slow
 def test_a_population_split_over_the_mesh_matches_one_on_one_device(toy_model, tmp_path):
     settings = ("--config.population.seeds=2", "--config.num_epochs=2")
     run_train(tmp_path / "one", toy_model, *settings)
@@ -143,6 +146,9 @@ def test_a_population_split_over_the_mesh_matches_one_on_one_device(toy_model, t
         assert _relative_diff(eight, one, start) < 1e-2
 
 
+# The suite's budget (slow suite): make test resumes a run exactly in tests/test_train_resume.py
+# and reads every member's checkpoints in the solo-equality test above.
+@pytest.mark.slow
 def test_a_killed_population_resumes_exactly(toy_model, tmp_path):
     settings = ("--config.population.seeds=2", "--config.num_epochs=8", "--config.save_every=1")
     run_train(tmp_path / "whole", toy_model, *settings)

@@ -62,6 +62,7 @@ def test_sigterm_then_resume_ends_like_an_uninterrupted_run(model, uninterrupted
     assert diff == 0.0
 
 
+@pytest.mark.slow  # the suite's budget: make test resumes from a checkpoint in the two tests beside it
 def test_kill_9_then_restart_resumes_from_the_last_checkpoint(model, uninterrupted, tmp_path):
     workdir = tmp_path / "run"
     process, log = _start_and_wait_for_checkpoint(workdir, model, 3, tmp_path / "first.log")
