@@ -1,7 +1,7 @@
 """Flow-GRPO on the FLUX family through the real trainer: the tiny FLUX config trains two
 epochs with each objective, every epoch's first update exactly on-policy (ratio 1) in bfloat16
-(Flow-GRPO) and float32 (GRPO-Guard), and the trained LoRA exported as PEFT and diffusers files gives PyTorch's
-FluxTransformer2DModel our velocity."""
+(Flow-GRPO) and float32 (GRPO-Guard), and the trained LoRA exported as PEFT and diffusers files
+and merged into the transformer gives PyTorch's FluxTransformer2DModel our velocity."""
 import copy
 import json
 import os
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 from peft import PeftModel
 from safetensors.numpy import load_file
 
@@ -67,7 +68,7 @@ def test_the_tiny_flux_config_trains_two_epochs_with_each_objective(tiny_flux, t
                for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
 
 
-def test_trained_lora_exports_to_peft_and_diffusers(tiny_flux, tmp_path):
+def test_trained_lora_exports_to_peft_diffusers_and_merged(tiny_flux, tmp_path):
     reference, folder = tiny_flux
     config = tiny_config(folder)
     config.num_epochs, config.train.ema = 1, False
@@ -111,3 +112,8 @@ def test_trained_lora_exports_to_peft_and_diffusers(tiny_flux, tmp_path):
     pipe.load_lora_weights(str(out))
     theirs = torch_velocity(pipe.transformer)
     assert rel_l2(ours, theirs) < 1e-5 and rel_l2(ours - base, theirs - base) < 1e-4
+
+    out = tmp_path / "merged"
+    assert export_cli.main(["--workdir", str(workdir), "--out", str(out), "--format", "merged"]) == 0
+    merged = torch_velocity(FluxTransformer2DModel.from_pretrained(str(out)).eval())
+    assert rel_l2(ours, merged) < 1e-5 and rel_l2(ours - base, merged - base) < 1e-4
