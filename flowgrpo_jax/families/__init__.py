@@ -1,8 +1,9 @@
 """The model families, by the name a config's `model.family` gives.
 
 Each family is a package of this folder; `FAMILY` (a `generator.Family`), in the package or
-one of its modules, builds its `Generator` and declares what the trainer needs from it. The core imports this registry, never
-a family: adding one is a folder and a line in `FAMILIES`, or `register` from elsewhere.
+one of its modules, builds its `Generator` and declares what the trainer needs from it. The
+core imports this registry, never a family: adding one is a folder and a line in `FAMILIES`,
+or `register` from elsewhere.
 """
 import importlib
 from typing import TYPE_CHECKING
