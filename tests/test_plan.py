@@ -143,21 +143,6 @@ def test_advice_names_a_smaller_micro_batch_when_fsdp_and_remat_are_already_set(
     assert planner.advice(result, config).endswith("try more chips, or chips with more memory")
 
 
-def test_exact_ratios_over_several_updates_add_the_rescore_program():
-    """Compiled for this host: with one update an epoch there is nothing to rescore; with two,
-    one forward of the update's samples, a small share of the update's FLOPs."""
-    import jax
-
-    config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py:tiny"))
-    plan = lambda: planner.plan(config, jax.devices()[:1], "cpu", search=False,
-                                programs=("rescore", "train step"), log=lambda *a, **k: None)
-    assert [p.name for p in plan().programs] == ["train step"]
-    config.train.updates_per_epoch = 2
-    rescore, step = plan().programs
-    assert rescore.name == "rescore" and rescore.fits and step.fits
-    assert 0 < rescore.flops < step.flops / 2, (rescore.flops, step.flops)
-
-
 def test_a_lora_population_shares_the_base_and_compiles_for_a_tpu_without_collectives():
     """Four seeds of the toy run with LoRA on a v5e:2x2 slice, one member a chip: each chip
     holds the frozen base once and one member's LoRA state, and the population's rollout (the
@@ -178,17 +163,24 @@ def test_a_lora_population_shares_the_base_and_compiles_for_a_tpu_without_collec
 
 def test_the_planner_compiles_every_program_of_a_population_run():
     """A population of two seeds on this host, two updates an epoch: encode, rollout, decode,
-    the vmapped rescore, the train step and the eval programs all compile, as the trainer runs
-    them."""
+    the vmapped rescore (exact ratios: one forward of an update's samples, a small share of the
+    update's FLOPs), the train step and the eval programs all compile, as the trainer runs them.
+    With one update an epoch there is nothing to rescore."""
     import jax
 
     config = config_lib.load_file(str(ROOT / "configs" / "toy_geneval.py:tiny"))
     config.population.seeds, config.train.updates_per_epoch = 2, 2
-    result = planner.plan(config, jax.devices()[:1], "cpu", search=False, log=lambda *a, **k: None)
+    plan = lambda **kw: planner.plan(config, jax.devices()[:1], "cpu", search=False,
+                                     log=lambda *a, **k: None, **kw)
+    result = plan()
     assert [p.name for p in result.programs] == list(planner.PROGRAMS)
     assert result.fits and result.members == 2
-    step = next(p for p in result.programs if p.name == "train step")
+    program = {p.name: p for p in result.programs}
+    step, rescore = program["train step"], program["rescore"]
     assert step.per_chip == 2 * config.train.micro_batch_size
+    assert 0 < rescore.flops < step.flops / 2, (rescore.flops, step.flops)
+    config.train.updates_per_epoch = 1
+    assert plan(programs=("rescore",)).programs == []
 
 
 def test_an_epoch_of_one_rollout_chunk_holds_no_earlier_chunks_while_it_samples():
