@@ -64,7 +64,8 @@ def test_runs_group_sd35_medium_as_the_architecture_does():
 
 
 def test_mmdit_scanned_equals_unrolled_forward_and_gradients():
-    scanned, unrolled = _mmdit(True, "block"), _with_structure_of(_mmdit(True), _mmdit(False, "block"))
+    """The scanned runs with per-block remat against the plain blocks one after another."""
+    scanned, unrolled = _mmdit(True, "block"), _with_structure_of(_mmdit(True), _mmdit(False))
     inputs = _mmdit_inputs()
 
     def loss_and_grads(model):
