@@ -38,9 +38,11 @@ def _on_policy(metrics) -> tuple:
                  for name in ("ratio_min", "ratio_max", "clipfrac", "approx_kl"))
 
 
-# The default policy in make test, the others in the slow suite.
-@pytest.mark.parametrize("remat", [p if p == "block" else pytest.param(p, marks=pytest.mark.slow)
-                                   for p in POLICIES])
+# The slow suite, for make test's budget: make test checks a bf16 first update's ratio 1 for SD3
+# in the population test below, and in solo runs for FLUX (tests/test_flux_train.py) and the toy
+# family (tests/test_objectives_train.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", POLICIES)
 def test_the_first_update_of_a_bf16_epoch_has_ratio_one(tiny_sd3_folder, tmp_path, remat):
     metrics = _first_epoch(_sd3(tiny_sd3_folder, "bfloat16", remat=remat), tmp_path)
     assert _on_policy(metrics) == (1.0, 1.0, 0.0, 0.0)

@@ -113,7 +113,9 @@ def test_population_members_end_where_their_solo_runs_end(toy_model, tmp_path):
     assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])
 
 
-@pytest.mark.parametrize("objective", ["grpo_guard", "nft"])
+# GRPO-Guard in the slow suite for make test's budget: it trains solo in make test
+# (tests/test_objectives_train.py, tests/test_flux_train.py), a full fine-tuning population with nft.
+@pytest.mark.parametrize("objective", [pytest.param("grpo_guard", marks=pytest.mark.slow), "nft"])
 def test_a_full_fine_tuning_population_trains_with_each_objective(toy_model, tmp_path, objective):
     variant = {"grpo_guard": "guard", "nft": "nft"}[objective]
     config = _config(toy_model, variant=f"{variant},tiny",
