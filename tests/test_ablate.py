@@ -97,17 +97,23 @@ def test_a_population_of_settings_and_seeds_gives_intervals_over_seeds(tmp_path)
         assert Image.open(tmp_path / "compare" / figure).size[0] > 0
 
 
+@pytest.fixture(scope="module")
+def ablate():
+    """tools/ablate.py as a module, loaded once."""
+    spec = importlib.util.spec_from_file_location("ablate", os.path.join(ROOT, "tools", "ablate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("grid, message", [
     ("train.betta=0", "config has no key 'train.betta'"),
     ("sample.group_size=2.5", "sample.group_size='2.5': expected int"),
     ("train.ema=maybe", "train.ema='maybe': expected true or false"),
     ("train.beta", "'train.beta' is not KEY=VALUE"),
 ])
-def test_values_must_fit_the_type_of_their_key(tmp_path, capsys, grid, message):
+def test_values_must_fit_the_type_of_their_key(ablate, tmp_path, capsys, grid, message):
     """In this process: main's exit code and its line (the CLI runs `sys.exit(main())`)."""
-    spec = importlib.util.spec_from_file_location("ablate", os.path.join(ROOT, "tools", "ablate.py"))
-    ablate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablate)
     config = os.path.join(ROOT, "configs", "toy_geneval.py:tiny")
     code = ablate.main(["--config", config, "--grid", grid, "--out", str(tmp_path / "out")])
     stderr = capsys.readouterr().err

@@ -4,7 +4,6 @@ epochs with each objective, every epoch's first update exactly on-policy (ratio 
 and merged into the transformer gives PyTorch's FluxTransformer2DModel our velocity."""
 import copy
 import json
-import os
 
 import jax
 import jax.numpy as jnp
