@@ -4,6 +4,7 @@ Only process 0 writes; the other processes get a writer that does nothing, so th
 calls it unconditionally.
 """
 import math
+import sys
 
 import numpy as np
 
@@ -21,6 +22,21 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     return grid
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported with torch hidden when torch is not loaded yet:
+    tensorboardX imports torch (1.6 s of a start) only to accept torch tensors, and this writer
+    is handed floats and numpy arrays alone."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """TensorBoard in `logdir`, and with `wandb_project` a wandb run (its files in `logdir`):
     named `wandb_name` in group `wandb_group` (a population's members and their ablation),
@@ -33,9 +49,7 @@ class MetricWriter:
         self._wandb = None
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(logdir)
+        self._tb = _summary_writer_class()(logdir)
         if wandb_project:
             import wandb  # optional dependency: only when logging.wandb is set
 
