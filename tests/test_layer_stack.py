@@ -26,12 +26,12 @@ MMDIT = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=6, attention
 def _mmdit(scan: bool, remat: str = "none", seed: int = 0) -> MMDiT:
     config = MMDiTConfig(**MMDIT, remat=remat, scan_layers=scan)
     model = MMDiT(config, rngs=nnx.Rngs(seed))
-    # every weight away from its init (zeros would hide a mis-ordered stack)
+    # every weight away from its init (zeros would hide a mis-ordered stack); numpy's draws
+    # compile nothing (jax.random would compile a program per weight shape)
+    rng = np.random.default_rng(seed + 1)
     state = nnx.state(model, nnx.Param)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    nnx.update(model, jax.tree.unflatten(
-        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    nnx.update(model, jax.tree.map(
+        lambda x: x + 0.1 * rng.standard_normal(x.shape, np.float32), state))
     return model
 
 

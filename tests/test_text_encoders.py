@@ -44,11 +44,14 @@ def saved_random(model, tmp_path):
     return SafetensorsFolder(str(tmp_path))
 
 
-def load_converted(model, tensors, rules):
+def load_converted(make, tensors, rules):
+    """The converted weights in the module `make(rngs)` builds as shapes first (no random init)."""
+    model = abstract_module(make)
     params = convert(tensors, rules, target_shapes(model))
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    graphdef, state = nnx.split(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
         var.set_value(jnp.asarray(params[path]))
-    return model
+    return nnx.merge(graphdef, state)
 
 
 def prompts(length, pad, eos=EOS):
@@ -89,8 +92,8 @@ def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad, proj
                                    else (transformers.CLIPTextModel, CLIPTextModel))
     reference = reference_class(transformers.CLIPTextConfig(**config)).eval()
     tensors = saved_random(reference, tmp_path)
-    model = load_converted(ours_class(CLIPTextConfig.from_transformers(config), rngs=nnx.Rngs(0)),
-                           tensors, clip_table.RULES)
+    model = load_converted(lambda rngs: ours_class(CLIPTextConfig.from_transformers(config),
+                                                   rngs=rngs), tensors, clip_table.RULES)
 
     ids = prompts(77, pad, eos=EOS if eos_token_id == 2 else eos_token_id)
     with torch.no_grad():
@@ -108,8 +111,8 @@ def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad, proj
         errors["pooler_output"] = rel_l2(ours.pooler_output, expected.pooler_output.numpy())
         # transformers 5 saves this class's keys without "text_model."; FLUX.1-dev's hold it
         prefixed = {"text_model." + k: tensors[k] for k in tensors.keys()}
-        again = load_converted(ours_class(CLIPTextConfig.from_transformers(config),
-                                          rngs=nnx.Rngs(1)), prefixed, clip_table.RULES)
+        again = load_converted(lambda rngs: ours_class(CLIPTextConfig.from_transformers(config),
+                                                       rngs=rngs), prefixed, clip_table.RULES)
         for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
             np.testing.assert_array_equal(a, b)
     print(f"{reference_class.__name__} ({hidden_act}, eos_token_id={eos_token_id}) relative L2 "
@@ -127,8 +130,8 @@ def test_t5_matches_transformers(tmp_path, feed_forward_proj):
     torch.manual_seed(0)
     reference = transformers.T5EncoderModel(transformers.T5Config(**config)).eval()
     tensors = saved_random(reference, tmp_path)
-    model = load_converted(T5EncoderModel(T5Config.from_transformers(config), rngs=nnx.Rngs(0)),
-                           tensors, t5_table.RULES)
+    model = load_converted(lambda rngs: T5EncoderModel(T5Config.from_transformers(config),
+                                                       rngs=rngs), tensors, t5_table.RULES)
 
     ids = prompts(40, pad=0)
     with torch.no_grad():
