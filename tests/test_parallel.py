@@ -104,7 +104,7 @@ def test_mesh_and_sharding_on_8_fake_devices():
 
 
 def test_train_step_on_8_fake_devices_matches_one_device():
-    # Prints max |param diff| for meshes 2x4, 4x2, 8x1 against one device.
+    # Prints max |param diff| for meshes 2x4 and 8x1 against one device.
     _run_on_8_devices(os.path.join(TESTS, "test_update.py"))
 
 

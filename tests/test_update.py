@@ -2,7 +2,7 @@
 with LoRA.
 
 Run as a script (tests/test_parallel.py does, with 8 fake CPU devices) it compares one update
-on meshes 2x4, 4x2 and 8x1 with the same update on one device.
+on meshes 2x4 and 8x1 (data parallel with and without fsdp) with the same update on one device.
 """
 import dataclasses
 import functools
@@ -117,14 +117,15 @@ def _max_abs_diff(a, b):
 
 
 def compare_meshes():
-    """One-device result vs (data, fsdp) = (2, 4), (4, 2), (8, 1); printed and asserted."""
+    """One-device result vs (data, fsdp) = (2, 4) and (8, 1): data parallel with and without
+    fsdp; printed and asserted."""
     devices = jax.devices()
     assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}"
     ref_state, ref_metrics = _run_steps(parallel.make_mesh(devices=devices[:1]))
     ref_state = jax.device_get(ref_state)
     moved = _max_abs_diff(ref_state.params, _data()[0])
     assert moved > 1e-5, f"the update did not change the params ({moved})"
-    for data, fsdp in [(2, 4), (4, 2), (8, 1)]:
+    for data, fsdp in [(2, 4), (8, 1)]:
         state, metrics = _run_steps(parallel.make_mesh(data=data, fsdp=fsdp, devices=devices))
         # the params stay sharded as the rules say: lora_a of to_q is ("embed", None)
         spec = state.params["transformer_blocks"][0]["attn"]["to_q"]["lora_a"].get_value().sharding.spec
