@@ -26,6 +26,7 @@ from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.models.components import component_for_class
 from flowgrpo_jax.models.flux import LORA_TARGETS, FluxConfig, FluxTransformer
 from flowgrpo_jax.models.flux_table import RULES
+from converted import converted_module
 
 FLUX1_DEV = os.path.join(os.path.dirname(flowgrpo_jax.__file__), "families", "flux", "flux1dev",
                          "transformer", "config.json")
@@ -61,14 +62,10 @@ def _convert(reference: FluxTransformer2DModel, dtype=jnp.float32, param_dtype=j
              **options) -> FluxTransformer:
     """The reference's weights in a FluxTransformer, via the table (shapes first: no random init)."""
     config = FluxConfig.from_diffusers(dict(reference.config), **options)
-    abstract = abstract_module(
-        lambda rngs: FluxTransformer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
     tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
-    flat = convert(tensors, RULES, target_shapes(abstract))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    for path, var in nnx.to_flat_state(params):
-        var.set_value(jnp.asarray(flat[tuple(path)], param_dtype))
-    return nnx.merge(graphdef, params)
+    return converted_module(
+        lambda rngs: FluxTransformer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype),
+        tensors, RULES, param_dtype)
 
 
 def _image_ids(height: int, width: int, first: int = 0) -> np.ndarray:

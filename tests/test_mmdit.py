@@ -20,6 +20,7 @@ from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.models.mmdit_table import RULES
 from flowgrpo_jax.models.mmdit import MMDiT, Buffer, MMDiTConfig
 from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
+from converted import converted_module
 
 DATA = SD35M_CONFIGS
 
@@ -49,14 +50,10 @@ def _convert(reference: SD3Transformer2DModel, dtype=jnp.float32, param_dtype=jn
              **options) -> MMDiT:
     """The reference's weights in an MMDiT, via the table (shapes first: no random init)."""
     config = MMDiTConfig.from_diffusers(dict(reference.config), **options)
-    abstract = abstract_module(
-        lambda rngs: MMDiT(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
     tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
-    flat = convert(tensors, RULES, target_shapes(abstract))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    for path, var in nnx.to_flat_state(params):
-        var.set_value(jnp.asarray(flat[tuple(path)], param_dtype))
-    return nnx.merge(graphdef, params)
+    return converted_module(
+        lambda rngs: MMDiT(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype),
+        tensors, RULES, param_dtype)
 
 
 def _inputs(config: dict, latent_shape, text_len, seed=1):

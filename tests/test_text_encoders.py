@@ -17,12 +17,13 @@ from transformers.models.t5.modeling_t5 import T5Attention as TorchT5Attention
 
 from flowgrpo_jax.models import clip_table, t5_table
 from flowgrpo_jax.models.abstract import abstract_module
-from flowgrpo_jax.convert.core import convert, plan, target_shapes
+from flowgrpo_jax.convert.core import plan, target_shapes
 from flowgrpo_jax.convert.safetensors_io import SafetensorsFolder
 from flowgrpo_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel,
                                            CLIPTextModelWithProjection)
 from flowgrpo_jax.models.t5 import T5Config, T5EncoderModel, relative_position_buckets
 from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
+from converted import converted_module
 
 DATA = SD35M_CONFIGS
 TOLERANCE = 1e-5
@@ -42,16 +43,6 @@ def saved_random(model, tmp_path):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(tmp_path)
     return SafetensorsFolder(str(tmp_path))
-
-
-def load_converted(make, tensors, rules):
-    """The converted weights in the module `make(rngs)` builds as shapes first (no random init)."""
-    model = abstract_module(make)
-    params = convert(tensors, rules, target_shapes(model))
-    graphdef, state = nnx.split(model, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        var.set_value(jnp.asarray(params[path]))
-    return nnx.merge(graphdef, state)
 
 
 def prompts(length, pad, eos=EOS):
@@ -92,7 +83,7 @@ def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad, proj
                                    else (transformers.CLIPTextModel, CLIPTextModel))
     reference = reference_class(transformers.CLIPTextConfig(**config)).eval()
     tensors = saved_random(reference, tmp_path)
-    model = load_converted(lambda rngs: ours_class(CLIPTextConfig.from_transformers(config),
+    model = converted_module(lambda rngs: ours_class(CLIPTextConfig.from_transformers(config),
                                                    rngs=rngs), tensors, clip_table.RULES)
 
     ids = prompts(77, pad, eos=EOS if eos_token_id == 2 else eos_token_id)
@@ -111,7 +102,7 @@ def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad, proj
         errors["pooler_output"] = rel_l2(ours.pooler_output, expected.pooler_output.numpy())
         # transformers 5 saves this class's keys without "text_model."; FLUX.1-dev's hold it
         prefixed = {"text_model." + k: tensors[k] for k in tensors.keys()}
-        again = load_converted(lambda rngs: ours_class(CLIPTextConfig.from_transformers(config),
+        again = converted_module(lambda rngs: ours_class(CLIPTextConfig.from_transformers(config),
                                                        rngs=rngs), prefixed, clip_table.RULES)
         for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
             np.testing.assert_array_equal(a, b)
@@ -130,7 +121,7 @@ def test_t5_matches_transformers(tmp_path, feed_forward_proj):
     torch.manual_seed(0)
     reference = transformers.T5EncoderModel(transformers.T5Config(**config)).eval()
     tensors = saved_random(reference, tmp_path)
-    model = load_converted(lambda rngs: T5EncoderModel(T5Config.from_transformers(config),
+    model = converted_module(lambda rngs: T5EncoderModel(T5Config.from_transformers(config),
                                                        rngs=rngs), tensors, t5_table.RULES)
 
     ids = prompts(40, pad=0)

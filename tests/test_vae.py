@@ -16,6 +16,7 @@ from flowgrpo_jax.models.abstract import abstract_module
 from flowgrpo_jax.models.vae_table import RULES
 from flowgrpo_jax.models.vae import AutoencoderKL, VAEConfig
 from flowgrpo_jax.families.sd3.loading import SD35M_CONFIGS
+from converted import converted_module
 
 DATA = SD35M_CONFIGS
 TOLERANCE = 1e-5
@@ -63,13 +64,8 @@ def abstract_vae(config):
 
 
 def flax_vae(config, tensors):
-    """The converted weights in a VAE built as shapes first (no random init)."""
-    model = abstract_vae(config)
-    params = convert(tensors, RULES, target_shapes(model))
-    graphdef, state = nnx.split(model, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        var.set_value(jnp.asarray(params[path]))
-    return nnx.merge(graphdef, state)
+    return converted_module(lambda rngs: AutoencoderKL(VAEConfig.from_diffusers(config), rngs=rngs),
+                            tensors, RULES)
 
 
 @pytest.mark.parametrize("quant_convs", [False, True], ids=["sd3", "quant_convs"])
