@@ -83,8 +83,8 @@ def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad, proj
                                    else (transformers.CLIPTextModel, CLIPTextModel))
     reference = reference_class(transformers.CLIPTextConfig(**config)).eval()
     tensors = saved_random(reference, tmp_path)
-    model = converted_module(lambda rngs: ours_class(CLIPTextConfig.from_transformers(config),
-                                                   rngs=rngs), tensors, clip_table.RULES)
+    make = lambda rngs: ours_class(CLIPTextConfig.from_transformers(config), rngs=rngs)
+    model = converted_module(make, tensors, clip_table.RULES)
 
     ids = prompts(77, pad, eos=EOS if eos_token_id == 2 else eos_token_id)
     with torch.no_grad():
@@ -102,8 +102,7 @@ def test_clip_matches_transformers(tmp_path, hidden_act, eos_token_id, pad, proj
         errors["pooler_output"] = rel_l2(ours.pooler_output, expected.pooler_output.numpy())
         # transformers 5 saves this class's keys without "text_model."; FLUX.1-dev's hold it
         prefixed = {"text_model." + k: tensors[k] for k in tensors.keys()}
-        again = converted_module(lambda rngs: ours_class(CLIPTextConfig.from_transformers(config),
-                                                       rngs=rngs), prefixed, clip_table.RULES)
+        again = converted_module(make, prefixed, clip_table.RULES)
         for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
             np.testing.assert_array_equal(a, b)
     print(f"{reference_class.__name__} ({hidden_act}, eos_token_id={eos_token_id}) relative L2 "

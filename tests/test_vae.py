@@ -59,13 +59,16 @@ def torch_vae(config, tmp_path):
     return model, SafetensorsFolder(str(tmp_path))
 
 
+def make_vae(config):
+    return lambda rngs: AutoencoderKL(VAEConfig.from_diffusers(config), rngs=rngs)
+
+
 def abstract_vae(config):
-    return abstract_module(lambda rngs: AutoencoderKL(VAEConfig.from_diffusers(config), rngs=rngs))
+    return abstract_module(make_vae(config))
 
 
 def flax_vae(config, tensors):
-    return converted_module(lambda rngs: AutoencoderKL(VAEConfig.from_diffusers(config), rngs=rngs),
-                            tensors, RULES)
+    return converted_module(make_vae(config), tensors, RULES)
 
 
 @pytest.mark.parametrize("quant_convs", [False, True], ids=["sd3", "quant_convs"])
