@@ -122,20 +122,24 @@ def test_values_must_fit_the_type_of_their_key(ablate, tmp_path, capsys, grid, m
 
 
 @pytest.mark.slow  # the trainer's own SIGTERM handling is in tests/test_train_resume.py
-def test_sigterm_stops_the_grid_after_saving(tmp_path):
+def test_sigterm_stops_the_grid_keeping_the_finished_runs(tmp_path):
     model = make_tiny_model(tmp_path / "model")
     out = tmp_path / "ablate"
     command = [sys.executable, "tools/ablate.py", "--config", "configs/toy_geneval.py:tiny",
-               "--grid", "train.beta=0,0.04", "--set", f"model.path={model}",
-               "reward.rewards=brightness:1.0", "num_epochs=1000", "save_every=1", "--out", str(out)]
+               "--grid", "num_epochs=2,1000", "--set", f"model.path={model}",
+               "reward.rewards=brightness:1.0", "save_every=1", "--out", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=train_env())
-    first = out / "beta=0.0" / "checkpoints"
-    deadline = time.time() + 120
-    while not (first.exists() and any(p.name.isdigit() for p in first.iterdir())):
+    second = out / "num_epochs=1000" / "checkpoints"
+    deadline = time.time() + 180
+    while not (second.exists() and any(p.name.isdigit() for p in second.iterdir())):
         assert process.poll() is None and time.time() < deadline, "no checkpoint written"
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 1 and "ablation stopped" in stderr
-    assert not (out / "beta=0.04").exists() and not (out / "ablate.json").exists()
+    assert process.returncode == 1, stderr[-3000:]
+    assert "ablation stopped" in stderr and "holds the runs that finished (num_epochs=2)" in stderr
+    results = json.loads((out / "ablate.json").read_text())
+    assert [r["overrides"] for r in results["runs"]] == [{"num_epochs": 2}]
+    assert len([h for h in results["runs"][0]["history"] if "reward/total_mean" in h]) == 2
+    assert (out / "ablate.png").exists()

@@ -19,7 +19,8 @@ eval category (metadata tags: eval/<reward>_mean/<tag>); the first reward, and "
 ...` adds the mean last value of logged metrics. A table on stdout (with a second one of the
 categories), OUT/ablate.json (every member's overrides, history and summary, every setting's
 statistics, every run's wall time) and OUT/ablate.png (each setting's mean reward per epoch,
-its seeds' range shaded; its data in ablate.data.json).
+its seeds' range shaded; its data in ablate.data.json), both rewritten after every run, so a
+grid stopped part-way (SIGTERM, Ctrl-C) keeps the runs it finished.
 """
 import argparse
 import itertools
@@ -226,7 +227,9 @@ def main(argv=None) -> int:
         try:
             histories = train(apply(config, overrides), os.path.join(args.out, name))
         except TrainingStopped as e:
-            print(f"ablation stopped: {e}", file=sys.stderr)
+            print(f"ablation stopped: {e}" + (f"; {args.out}/ablate.json holds the runs that "
+                                              f"finished ({', '.join(seconds)})" if seconds else ""),
+                  file=sys.stderr)
             return 1
         except (PopulationError, config_lib.ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -240,18 +243,24 @@ def main(argv=None) -> int:
             runs.append({"name": os.path.join(name, member) if member else name,
                          "overrides": members[member], "history": history,
                          "summary": summarize(history, args.last, args.show)})
-    settings = settings_of(runs)
+        settings = write_results(args, fixed, runs, seconds)
     print(format_table(settings))
     categories = format_categories(settings)
     if categories:
         print(f"\nlast eval per category (mean ±95% interval over seeds, their sd):\n{categories}")
+    print(f"wrote {args.out}/ablate.json and {args.out}/ablate.png (data: ablate.data.json)")
+    return 0
+
+
+def write_results(args, fixed: dict, runs: list[dict], seconds: dict) -> list[dict]:
+    """OUT/ablate.json and ablate.png of the runs finished so far (rewritten after each run, so
+    a grid stopped part-way keeps them); their settings."""
+    settings = settings_of(runs)
     with open(os.path.join(args.out, "ablate.json"), "w") as f:
         json.dump({"config": args.config, "fixed": fixed, "vmap": args.vmap, "seeds": args.seeds,
                    "seconds": seconds, "settings": settings, "runs": runs}, f, indent=1)
     curves(runs, settings).save(os.path.join(args.out, "ablate.png"))
-    print(f"wrote {args.out}/ablate.json and {args.out}/ablate.png (data: ablate.data.json)")
-    return 0
-
+    return settings
 
 if __name__ == "__main__":
     sys.exit(main())
