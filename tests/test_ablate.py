@@ -93,6 +93,9 @@ def test_a_population_of_settings_and_seeds_gives_intervals_over_seeds(tmp_path)
         overall = [m["held_out"]["overall"] for m in row["members"]]
         assert len(overall) == 3 and row["stats"]["held_out"]["overall"]["mean"] == pytest.approx(
             np.mean(overall))
+        exact = [m["exact"]["seen"] for m in row["members"]]
+        assert row["exact"]["seen"]["mean"] == pytest.approx(np.mean(exact))
+        assert all(e <= m["seen"]["overall"] for e, m in zip(exact, row["members"]))
     for figure in ("held_out.png", "seen.png", "reward_curves.png"):
         assert Image.open(tmp_path / "compare" / figure).size[0] > 0
 

@@ -4,16 +4,17 @@ evaluates its run, and the ablations compared.
     python tools/toy_benchmark.py --ablation grpo=runs/grpo --ablation nft=runs/nft ... \
         --out runs/compare [--images_per_prompt 4] [--num_test_prompts N]
 
-An ablation is a `tools/ablate.py` output folder; each of its settings (every one with its seeds)
-is a row, labelled LABEL or LABEL/<setting> when it has several. Every member's EMA params are
-evaluated like the demo's trained model: strict accuracy of the toy checker per category on
-the held-out test prompts and on the seen prompts, ODE at the config's eval steps and CFG, 4
-images per line, the demo's noise; the base model once per CFG scale. Written to OUT:
-`toy_benchmark.json` (every member's results, per row the mean, standard deviation, min and max
-over seeds, the reward curves, the ablations' wall times), a table per prompt set on stdout,
-`held_out.png` and `seen.png` (mean strict accuracy per category with the seeds' standard
-deviation as error bars, the base beside) and `reward_curves.png` (mean train reward per epoch,
-the seeds' range shaded), each figure's data beside it as JSON.
+An ablation is a `tools/ablate.py` output folder; each of its settings (every one with its
+seeds) is a row, labelled LABEL or LABEL/<setting> when it has several. Every member's EMA
+params are evaluated like the demo's trained model: strict accuracy of the toy checker per
+category, and exact accuracy overall (strict with no stray object), on the held-out test prompts
+and on the seen prompts, ODE at the config's eval steps and CFG, 4 images per line, the demo's
+noise; the base model once per CFG scale. Written to OUT: `toy_benchmark.json` (every member's
+results, per row the mean, standard deviation, min and max over seeds, the reward curves, the
+ablations' wall times), a table per prompt set on stdout, `held_out.png` and `seen.png` (mean
+strict accuracy per category with the seeds' standard deviation as error bars, the base beside)
+and `reward_curves.png` (mean train reward per epoch, the seeds' range shaded), each figure's
+data beside it as JSON.
 """
 import argparse
 import json
@@ -61,25 +62,37 @@ def evaluate_row(row: dict, sets: dict, base_cache: dict, **evaluation) -> dict:
     members = []
     for workdir in row["workdirs"]:
         config, model = ev.workdir_model(workdir)
-        members.append({name: strict(s) for name, s in demo._evaluate_sets(
-            config, model, sets, f"{row['label']} {os.path.basename(workdir)}", **evaluation).items()})
+        members.append(accuracies(demo._evaluate_sets(
+            config, model, sets, f"{row['label']} {os.path.basename(workdir)}", **evaluation)))
     guidance = config.sample.guidance_scale  # the base is evaluated as its members are
     if guidance not in base_cache:
-        base_cache[guidance] = {name: strict(s) for name, s in demo._evaluate_sets(
-            config, ev.base_model(config.model), sets, f"base, CFG {guidance}", **evaluation).items()}
+        base_cache[guidance] = accuracies(demo._evaluate_sets(
+            config, ev.base_model(config.model), sets, f"base, CFG {guidance}", **evaluation))
     stats = {name: {tag: spread([m[name][tag] for m in members]) for tag in members[0][name]}
              for name in sets}
+    exact = {name: spread([m["exact"][name] for m in members]) for name in sets}
     return {"label": row["label"], "members": members, "base": base_cache[guidance],
-            "stats": stats, "seconds": row["seconds"], "guidance_scale": guidance}
+            "stats": stats, "exact": exact, "seconds": row["seconds"], "guidance_scale": guidance}
+
+
+def accuracies(summaries: dict) -> dict:
+    """{set: strict accuracy per category and overall, ..., "exact": {set: exact accuracy}}:
+    exact (strict with no stray object) beside strict tells how much of a score stray objects
+    cost."""
+    return {**{name: strict(s) for name, s in summaries.items()},
+            "exact": {name: s["exact"] for name, s in summaries.items()}}
 
 
 def table(results: list[dict], name: str) -> str:
-    """A row per ablation setting, a column per category: mean ±std over seeds (change)."""
+    """A row per ablation setting, a column per category and one of exact accuracy: mean ±std
+    over seeds (change)."""
     tags = list(results[0]["stats"][name])
     cell = lambda r, t: (f"{r['stats'][name][t]['mean']:.3f} ±{r['stats'][name][t]['std'] or 0.0:.3f} "
                          f"({r['stats'][name][t]['mean'] - r['base'][name][t]:+.3f})")
-    rows = [[r["label"]] + [cell(r, t) for t in tags] for r in results]
-    header = ["", *tags]
+    exact = lambda r: (f"{r['exact'][name]['mean']:.3f} ±{r['exact'][name]['std'] or 0.0:.3f} "
+                       f"({r['exact'][name]['mean'] - r['base']['exact'][name]:+.3f})")
+    rows = [[r["label"]] + [cell(r, t) for t in tags] + [exact(r)] for r in results]
+    header = ["", *tags, "exact: overall"]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *rows])
 
