@@ -262,5 +262,6 @@ def write_results(args, fixed: dict, runs: list[dict], seconds: dict) -> list[di
     curves(runs, settings).save(os.path.join(args.out, "ablate.png"))
     return settings
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -87,11 +87,9 @@ def table(results: list[dict], name: str) -> str:
     """A row per ablation setting, a column per category and one of exact accuracy: mean ±std
     over seeds (change)."""
     tags = list(results[0]["stats"][name])
-    cell = lambda r, t: (f"{r['stats'][name][t]['mean']:.3f} ±{r['stats'][name][t]['std'] or 0.0:.3f} "
-                         f"({r['stats'][name][t]['mean'] - r['base'][name][t]:+.3f})")
-    exact = lambda r: (f"{r['exact'][name]['mean']:.3f} ±{r['exact'][name]['std'] or 0.0:.3f} "
-                       f"({r['exact'][name]['mean'] - r['base']['exact'][name]:+.3f})")
-    rows = [[r["label"]] + [cell(r, t) for t in tags] + [exact(r)] for r in results]
+    cell = lambda stat, base: f"{stat['mean']:.3f} ±{stat['std'] or 0.0:.3f} ({stat['mean'] - base:+.3f})"
+    rows = [[r["label"]] + [cell(r["stats"][name][t], r["base"][name][t]) for t in tags]
+            + [cell(r["exact"][name], r["base"]["exact"][name])] for r in results]
     header = ["", *tags, "exact: overall"]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *rows])
