@@ -116,7 +116,7 @@ def test_population_members_end_where_their_solo_runs_end(toy_model, tmp_path):
 # GRPO-Guard in the slow suite for make test's budget: it trains solo in make test
 # (tests/test_objectives_train.py, tests/test_flux_train.py), a full fine-tuning population with nft.
 @pytest.mark.parametrize("objective", [pytest.param("grpo_guard", marks=pytest.mark.slow), "nft"])
-def test_a_full_fine_tuning_population_trains_with_each_objective(toy_model, tmp_path, objective):
+def test_a_full_fine_tuning_population_trains_as_its_solo_runs_with_each_objective(toy_model, tmp_path, objective):
     variant = {"grpo_guard": "guard", "nft": "nft"}[objective]
     config = _config(toy_model, variant=f"{variant},tiny",
                      **{"lora.enabled": False, "population.seeds": 2})
@@ -131,6 +131,15 @@ def test_a_full_fine_tuning_population_trains_with_each_objective(toy_model, tmp
         assert moved > 0
         if objective == "nft":
             assert "old_params" in state["extra"]
+    # a member ends where its solo run ends (the NFT old policy too), up to float rounding
+    solo_dir = str(tmp_path / "solo")
+    train(population.apply(config, {"seed": 1, "population.seeds": 0}), solo_dir)
+    member, solo = checkpoint_state(tmp_path / "seed=1", 2), checkpoint_state(solo_dir, 2)
+    start = checkpoint_state(solo_dir, 1)
+    trained = lambda state: [state["params"]] + ([state["extra"]["old_params"]]
+                                                 if objective == "nft" else [])
+    for m, s, s0 in zip(trained(member), trained(solo), trained(start)):
+        assert _relative_diff(m, s, s0) < 1e-2
 
 
 # The suite's budget (slow suite): make test compiles the sharded population for a TPU in
