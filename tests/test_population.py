@@ -116,7 +116,8 @@ def test_population_members_end_where_their_solo_runs_end(toy_model, tmp_path):
 # GRPO-Guard in the slow suite for make test's budget: it trains solo in make test
 # (tests/test_objectives_train.py, tests/test_flux_train.py), a full fine-tuning population with nft.
 @pytest.mark.parametrize("objective", [pytest.param("grpo_guard", marks=pytest.mark.slow), "nft"])
-def test_a_full_fine_tuning_population_trains_as_its_solo_runs_with_each_objective(toy_model, tmp_path, objective):
+def test_a_full_fine_tuning_population_trains_as_its_solo_runs_with_each_objective(toy_model, tmp_path,
+                                                                                  objective):
     variant = {"grpo_guard": "guard", "nft": "nft"}[objective]
     config = _config(toy_model, variant=f"{variant},tiny",
                      **{"lora.enabled": False, "population.seeds": 2})
