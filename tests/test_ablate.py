@@ -100,6 +100,31 @@ def test_a_population_of_settings_and_seeds_gives_intervals_over_seeds(tmp_path)
         assert Image.open(tmp_path / "compare" / figure).size[0] > 0
 
 
+def test_the_benchmark_pools_populations_that_share_a_label(tmp_path, monkeypatch):
+    """Seeds 0-1 and 4-5 of one setting, run as two populations, are one row of 4 members."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import toy_benchmark
+
+    def population(folder, seeds, seconds):
+        runs = [{"name": f"base/seed={s}", "history": [{"reward/total_mean": float(s)}]} for s in seeds]
+        folder.mkdir()
+        (folder / "ablate.json").write_text(json.dumps({
+            "runs": runs, "settings": [{"name": "base", "runs": [r["name"] for r in runs]}],
+            "seconds": {"base": seconds}}))
+        return [str(folder / r["name"]) for r in runs]
+
+    first = population(tmp_path / "a", [0, 1], 10.0)
+    other = population(tmp_path / "b", [0], 5.0)
+    second = population(tmp_path / "c", [4, 5], 20.0)
+    rows = toy_benchmark.pooled([*toy_benchmark.rows_of("x", str(tmp_path / "a")),
+                                 *toy_benchmark.rows_of("y", str(tmp_path / "b")),
+                                 *toy_benchmark.rows_of("x", str(tmp_path / "c"))])
+    assert [r["label"] for r in rows] == ["x", "y"]
+    assert rows[0]["workdirs"] == first + second and rows[1]["workdirs"] == other
+    assert [h[0]["reward/total_mean"] for h in rows[0]["histories"]] == [0.0, 1.0, 4.0, 5.0]
+    assert [r["seconds"] for r in rows] == [30.0, 5.0]
+
+
 @pytest.fixture(scope="module")
 def ablate():
     """tools/ablate.py as a module, loaded once."""

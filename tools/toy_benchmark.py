@@ -5,7 +5,9 @@ evaluates its run, and the ablations compared.
         --out runs/compare [--images_per_prompt 4] [--num_test_prompts N]
 
 An ablation is a `tools/ablate.py` output folder; each of its settings (every one with its
-seeds) is a row, labelled LABEL or LABEL/<setting> when it has several. Every member's EMA
+seeds) is a row, labelled LABEL or LABEL/<setting> when it has several. Rows that share a label
+are pooled into one over all their members: `--ablation x=runs/seeds0-3 --ablation
+x=runs/seeds4-7` gives one row over 8 seeds run as two populations. Every member's EMA
 params are evaluated like the demo's trained model: strict accuracy of the toy checker per
 category, and exact accuracy overall (strict with no stray object), on the held-out test prompts
 and on the seen prompts, ODE at the config's eval steps and CFG, 4 images per line, the demo's
@@ -55,6 +57,19 @@ def rows_of(label: str, folder: str) -> list[dict]:
              "workdirs": [os.path.join(folder, name) for name in s["runs"]],
              "histories": [runs[name]["history"] for name in s["runs"]],
              "seconds": sum(ablation["seconds"].values())} for s in ablation["settings"]]
+
+
+def pooled(rows: list[dict]) -> list[dict]:
+    """One row per label, over the members (and wall time) of every row with that label, in the
+    order the labels first appear."""
+    by_label = {}
+    for row in rows:
+        into = by_label.setdefault(row["label"], {"label": row["label"], "workdirs": [],
+                                                  "histories": [], "seconds": 0.0})
+        into["workdirs"] += row["workdirs"]
+        into["histories"] += row["histories"]
+        into["seconds"] += row["seconds"]
+    return list(by_label.values())
 
 
 def evaluate_row(row: dict, sets: dict, base_cache: dict, **evaluation) -> dict:
@@ -121,7 +136,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.WARNING)
     try:
-        rows = [row for text in args.ablation for row in rows_of(*text.split("=", 1))]
+        rows = pooled([row for text in args.ablation for row in rows_of(*text.split("=", 1))])
     except (OSError, KeyError, ValueError, TypeError) as e:
         print(f"error: --ablation: {e}", file=sys.stderr)
         return 2
