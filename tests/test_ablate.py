@@ -125,6 +125,27 @@ def test_the_benchmark_pools_populations_that_share_a_label(tmp_path, monkeypatc
     assert [r["seconds"] for r in rows] == [30.0, 5.0]
 
 
+def test_the_benchmark_refuses_to_pool_members_of_two_guidance_scales(tmp_path, monkeypatch, capsys):
+    """Each row's base is evaluated at its members' CFG scale, so one label over members sampled
+    at two scales (DiffusionNFT's 1 and Flow-GRPO's 4.5) is refused before any evaluation."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import toy_benchmark
+
+    for folder, scale in (("nft", 1.0), ("grpo", 4.5)):
+        workdir = tmp_path / folder / "base" / "seed=0"
+        (workdir / "checkpoints").mkdir(parents=True)
+        (workdir / "config.json").write_text(json.dumps({"sample": {"guidance_scale": scale}}))
+        (tmp_path / folder / "ablate.json").write_text(json.dumps({
+            "runs": [{"name": "base/seed=0", "history": []}],
+            "settings": [{"name": "base", "runs": ["base/seed=0"]}], "seconds": {"base": 1.0}}))
+    both = ["--ablation", f"x={tmp_path / 'nft'}", "--ablation", f"x={tmp_path / 'grpo'}"]
+    assert toy_benchmark.main([*both, "--out", str(tmp_path / "out")]) == 2
+    assert "'x' pools members sampled at CFG 1, 4.5; give them different labels" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    row, = toy_benchmark.pooled(toy_benchmark.rows_of("x", str(tmp_path / "grpo")))
+    assert toy_benchmark.guidance_scale(row) == 4.5
+
+
 @pytest.fixture(scope="module")
 def ablate():
     """tools/ablate.py as a module, loaded once."""

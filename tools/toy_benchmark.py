@@ -25,6 +25,7 @@ import sys
 
 from absl import logging
 
+from flowgrpo_jax import checkpoint as ckpt
 from flowgrpo_jax import config as config_lib
 from flowgrpo_jax import demo, plot
 from flowgrpo_jax import evaluate as ev
@@ -72,6 +73,16 @@ def pooled(rows: list[dict]) -> list[dict]:
     return list(by_label.values())
 
 
+def guidance_scale(row: dict) -> float:
+    """The CFG scale every member of `row` samples with, the one its base is evaluated at
+    (ValueError when its members differ: they are two settings, not one)."""
+    scales = {ckpt.recorded_config(w)["sample"]["guidance_scale"] for w in row["workdirs"]}
+    if len(scales) > 1:
+        raise ValueError(f"{row['label']!r} pools members sampled at CFG "
+                         f"{', '.join(f'{s:g}' for s in sorted(scales))}; give them different labels")
+    return scales.pop()
+
+
 def evaluate_row(row: dict, sets: dict, base_cache: dict, **evaluation) -> dict:
     """Every member of `row` and its base, per prompt set: strict accuracy per category."""
     members = []
@@ -79,7 +90,7 @@ def evaluate_row(row: dict, sets: dict, base_cache: dict, **evaluation) -> dict:
         config, model = ev.workdir_model(workdir)
         members.append(accuracies(demo._evaluate_sets(
             config, model, sets, f"{row['label']} {os.path.basename(workdir)}", **evaluation)))
-    guidance = config.sample.guidance_scale  # the base is evaluated as its members are
+    guidance = row["guidance_scale"]
     if guidance not in base_cache:
         base_cache[guidance] = accuracies(demo._evaluate_sets(
             config, ev.base_model(config.model), sets, f"base, CFG {guidance}", **evaluation))
@@ -137,6 +148,7 @@ def main(argv=None) -> int:
     logging.set_verbosity(logging.WARNING)
     try:
         rows = pooled([row for text in args.ablation for row in rows_of(*text.split("=", 1))])
+        rows = [{**row, "guidance_scale": guidance_scale(row)} for row in rows]
     except (OSError, KeyError, ValueError, TypeError) as e:
         print(f"error: --ablation: {e}", file=sys.stderr)
         return 2
