@@ -100,18 +100,20 @@ def test_a_population_of_settings_and_seeds_gives_intervals_over_seeds(tmp_path)
         assert Image.open(tmp_path / "compare" / figure).size[0] > 0
 
 
+def population(folder, seeds, seconds):
+    """An ablate.json in `folder` for one setting over `seeds`; its member workdirs' paths."""
+    runs = [{"name": f"base/seed={s}", "history": [{"reward/total_mean": float(s)}]} for s in seeds]
+    folder.mkdir()
+    (folder / "ablate.json").write_text(json.dumps({
+        "runs": runs, "settings": [{"name": "base", "runs": [r["name"] for r in runs]}],
+        "seconds": {"base": seconds}}))
+    return [folder / r["name"] for r in runs]
+
+
 def test_the_benchmark_pools_populations_that_share_a_label(tmp_path, monkeypatch):
     """Seeds 0-1 and 4-5 of one setting, run as two populations, are one row of 4 members."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
     import toy_benchmark
-
-    def population(folder, seeds, seconds):
-        runs = [{"name": f"base/seed={s}", "history": [{"reward/total_mean": float(s)}]} for s in seeds]
-        folder.mkdir()
-        (folder / "ablate.json").write_text(json.dumps({
-            "runs": runs, "settings": [{"name": "base", "runs": [r["name"] for r in runs]}],
-            "seconds": {"base": seconds}}))
-        return [str(folder / r["name"]) for r in runs]
 
     first = population(tmp_path / "a", [0, 1], 10.0)
     other = population(tmp_path / "b", [0], 5.0)
@@ -120,7 +122,8 @@ def test_the_benchmark_pools_populations_that_share_a_label(tmp_path, monkeypatc
                                  *toy_benchmark.rows_of("y", str(tmp_path / "b")),
                                  *toy_benchmark.rows_of("x", str(tmp_path / "c"))])
     assert [r["label"] for r in rows] == ["x", "y"]
-    assert rows[0]["workdirs"] == first + second and rows[1]["workdirs"] == other
+    assert rows[0]["workdirs"] == [str(w) for w in first + second]
+    assert rows[1]["workdirs"] == [str(w) for w in other]
     assert [h[0]["reward/total_mean"] for h in rows[0]["histories"]] == [0.0, 1.0, 4.0, 5.0]
     assert [r["seconds"] for r in rows] == [30.0, 5.0]
 
@@ -132,12 +135,9 @@ def test_the_benchmark_refuses_to_pool_members_of_two_guidance_scales(tmp_path, 
     import toy_benchmark
 
     for folder, scale in (("nft", 1.0), ("grpo", 4.5)):
-        workdir = tmp_path / folder / "base" / "seed=0"
+        workdir, = population(tmp_path / folder, [0], 1.0)
         (workdir / "checkpoints").mkdir(parents=True)
         (workdir / "config.json").write_text(json.dumps({"sample": {"guidance_scale": scale}}))
-        (tmp_path / folder / "ablate.json").write_text(json.dumps({
-            "runs": [{"name": "base/seed=0", "history": []}],
-            "settings": [{"name": "base", "runs": ["base/seed=0"]}], "seconds": {"base": 1.0}}))
     both = ["--ablation", f"x={tmp_path / 'nft'}", "--ablation", f"x={tmp_path / 'grpo'}"]
     assert toy_benchmark.main([*both, "--out", str(tmp_path / "out")]) == 2
     assert "'x' pools members sampled at CFG 1, 4.5; give them different labels" in capsys.readouterr().err
