@@ -54,15 +54,19 @@ def test_nft_loss_by_hand():
     np.testing.assert_allclose(loss, expected_policy + kl_weight * expected_kl, rtol=1e-6)
 
 
-def _policy_gradient_at_the_old_policy(beta, r, seed=0):
-    """d L_pol / d v at v = v_old on random data (B = 3 samples of 4 x 4 x 2)."""
-    keys = jax.random.split(jax.random.key(seed), 4)
-    x0, eps, v_old = (jax.random.normal(k, (3, 4, 4, 2)) for k in keys[:3])
+def _random_case():
+    """x0, eps, v_old, t and x_t for B = 3 samples of 4 x 4 x 2."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    x0, eps, v_old = (jax.random.normal(k, (3, 4, 4, 2)) for k in keys)
     t = jnp.array([1.0, 0.6, 0.2])
     x_t = (1 - t.reshape(-1, 1, 1, 1)) * x0 + t.reshape(-1, 1, 1, 1) * eps
-    loss = lambda v: nft_loss(v, v_old, None, x_t, x0, t, r, beta=beta, kl_weight=0.0,
-                              adv_clip_max=5.0)[0]
-    return jax.grad(loss)(v_old), (x0, eps, v_old, t)
+    return x0, eps, v_old, t, x_t
+
+
+def _policy_gradient(beta, r, v_old, x_t, x0, t):
+    """d L_pol / d v, a function of v."""
+    return jax.grad(lambda v: nft_loss(v, v_old, None, x_t, x0, t, r, beta=beta, kl_weight=0.0,
+                                       adv_clip_max=5.0)[0])
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.1, 3.0])
@@ -70,7 +74,8 @@ def test_nft_gradient_at_the_old_policy_is_minus_2_2r_minus_1_v_star_minus_v_old
     """At theta = theta_old both branches' weights are w = mean|t (v* - v_old)|, and the policy
     loss's gradient is (c / (B D)) (-2 (2r - 1)) t^2 (v* - v_old) / w, whatever beta."""
     r = jnp.array([0.9, 0.5, 0.1])
-    grad, (x0, eps, v_old, t) = _policy_gradient_at_the_old_policy(beta, r)
+    x0, eps, v_old, t, x_t = _random_case()
+    grad = _policy_gradient(beta, r, v_old, x_t, x0, t)(v_old)
     t_ = t.reshape(-1, 1, 1, 1)
     v_star = eps - x0
     w = jnp.mean(jnp.abs(t_ * (v_star - v_old)), axis=(1, 2, 3), keepdims=True)
@@ -78,6 +83,23 @@ def test_nft_gradient_at_the_old_policy_is_minus_2_2r_minus_1_v_star_minus_v_old
     expected = 5.0 / size * (-2 * (2 * r - 1)).reshape(-1, 1, 1, 1) * t_ ** 2 * (v_star - v_old) / w
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
     assert float(jnp.abs(grad[1]).max()) < 1e-7  # r = 0.5: nothing to learn from that sample
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+def test_nft_loss_pulls_v_back_to_the_old_policy_with_a_strength_proportional_to_beta(beta):
+    """The policy loss's Hessian in v at v = v_old (the weights held, as stop_grad holds them) is
+    (c / (B D)) 2 beta t^2 / w times the identity, whatever r: away from theta_old the gradient
+    gains a pull back toward v_old in proportion to beta."""
+    r = jnp.array([0.9, 0.5, 0.1])
+    x0, eps, v_old, t, x_t = _random_case()
+    grad = _policy_gradient(beta, r, v_old, x_t, x0, t)
+    direction = jax.random.normal(jax.random.key(7), v_old.shape)
+    _, hessian_times_direction = jax.jvp(grad, (v_old,), (direction,))
+    t_ = t.reshape(-1, 1, 1, 1)
+    w = jnp.mean(jnp.abs(t_ * (eps - x0 - v_old)), axis=(1, 2, 3), keepdims=True)
+    size = v_old.shape[0] * np.prod(v_old.shape[1:])
+    expected = 5.0 / size * 2 * beta * t_ ** 2 * direction / w
+    np.testing.assert_allclose(hessian_times_direction, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_nft_gradient_reaches_the_params_through_the_velocity_jacobian():
